@@ -1,0 +1,224 @@
+"""Datasets and multi-crop: ImageFolder / flat folders for real use, scikit-learn's digits for demos.
+
+Two multi-crop paths produce the same thing, a list of views `[global_0, global_1, local_0, ...]`
+each `[B, C, H, W]`:
+- `lightly`: lightly's `DINOTransform` per image (PIL, in DataLoader workers), for real images;
+- `batched`: `BatchedMultiCrop` on a batch tensor at once (random resized crop via one
+  `grid_sample`, flips, brightness/contrast jitter), for small in-memory data where per-image PIL
+  work would dominate the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision import transforms as T
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_SIZE = 32
+
+
+def load_image(path: str) -> Image.Image:
+    """Opens an image as RGB; a corrupt file raises an error that names it."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(
+            f"cannot read image {path}: {err}. Remove or replace the file and restart; "
+            "the last checkpoint is kept."
+        ) from None
+
+
+class FlatImageFolder(Dataset):
+    """Every image file under a folder (recursively), label 0: for unlabelled pretraining."""
+
+    def __init__(self, root: str | Path, transform=None) -> None:  # type: ignore[no-untyped-def]
+        self.paths = sorted(
+            str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        image = load_image(self.paths[index])
+        return (self.transform(image) if self.transform else image), 0
+
+
+def image_dataset(root: str | Path, transform=None) -> Dataset:  # type: ignore[no-untyped-def]
+    """ImageFolder if `root` has class sub-folders with images, else a flat image folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path {root} is not a folder")
+    has_classes = any(p.is_dir() for p in root.iterdir())
+    if has_classes:
+        return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
+    return FlatImageFolder(root, transform)
+
+
+def digits(seed: int, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's bundled 8×8 digits, upsampled to 32×32 RGB in [0, 1].
+
+    Returns:
+        train_images [N, 3, 32, 32], train_labels [N], test_images, test_labels; the split is
+        stratified and fixed by `seed`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8]
+    images = F.interpolate(images, size=DIGITS_SIZE, mode="bilinear", align_corners=False)
+    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=test_fraction,
+        random_state=seed,
+        stratify=labels.numpy(),
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+@dataclass
+class MultiCropSpec:
+    global_crop_size: int
+    local_crop_size: int
+    num_local_views: int
+    global_crop_scale: tuple[float, float]
+    local_crop_scale: tuple[float, float]
+    hflip_prob: float = 0.5
+
+
+class BatchedMultiCrop:
+    """DINO multi-crop on a whole batch tensor at once.
+
+    Per sample and view: random resized crop (area fraction in `scale`, aspect ratio in
+    [3/4, 4/3], as torchvision's RandomResizedCrop), horizontal flip, brightness and contrast
+    jitter (p = 0.8), then normalisation. One `affine_grid` + `grid_sample` per view group.
+    """
+
+    def __init__(self, spec: MultiCropSpec, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:  # type: ignore[no-untyped-def]
+        self.spec = spec
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """images: [B, 3, H, W] in [0, 1] → [2 global views, num_local_views local views]."""
+        spec = self.spec
+        views = [
+            self._crop(images, spec.global_crop_size, spec.global_crop_scale, generator)
+            for _ in range(2)
+        ]
+        views += [
+            self._crop(images, spec.local_crop_size, spec.local_crop_scale, generator)
+            for _ in range(spec.num_local_views)
+        ]
+        return views
+
+    def _crop(
+        self, images: Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
+    ) -> Tensor:
+        batch = images.shape[0]
+
+        def uniform(low: float, high: float) -> Tensor:
+            return torch.rand(batch, generator=generator) * (high - low) + low
+
+        area = uniform(*scale)
+        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # fraction of the side
+        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
+        centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
+        flip = torch.where(torch.rand(batch, generator=generator) < self.spec.hflip_prob, -1.0, 1.0)
+        theta = torch.zeros(batch, 2, 3)
+        theta[:, 0, 0] = width * flip
+        theta[:, 0, 2] = centre_x
+        theta[:, 1, 1] = height
+        theta[:, 1, 2] = centre_y
+        grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+        views = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
+
+        jitter = torch.rand(batch, generator=generator) < 0.8
+        brightness = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
+        contrast = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
+        views = views * brightness
+        mean = views.mean(dim=(1, 2, 3), keepdim=True)
+        views = ((views - mean) * contrast + mean).clamp(0, 1)
+        return (views - self.mean) / self.std
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """[B, 3, H, W] in [0, 1] → ImageNet-normalised (the eval transform of tensor data)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def eval_transform(img_size: int) -> T.Compose:
+    """Resize (shorter side to size / 0.875) + centre crop + normalise, the k-NN/linear protocol."""
+    return T.Compose(
+        [
+            T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class EpochPermutation(Sampler[int]):
+    """Indices of one epoch, shuffled by (seed, epoch), starting at a given batch (for resume).
+
+    With `num_replicas > 1` each rank takes every num_replicas-th index of the same permutation,
+    as DistributedSampler does.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        permutation = torch.randperm(size, generator=generator)
+        per_rank = size // num_replicas
+        mine = permutation[rank : per_rank * num_replicas : num_replicas]
+        usable = (len(mine) // batch_size) * batch_size  # drop_last
+        self.indices = mine[start_batch * batch_size : usable].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def batches_per_epoch(size: int, batch_size: int, num_replicas: int = 1) -> int:
+    return (size // num_replicas) // batch_size
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for everything random in one training step; a resumed run draws the same."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -1,0 +1,60 @@
+"""Run logging: TensorBoard scalars, a metrics.jsonl line per log step, a console line with ETA."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class RunLogger:
+    """Writes on rank 0 only; other ranks get a logger that drops everything."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.writer = SummaryWriter(str(self.output_dir / "tb")) if enabled else None
+        self._jsonl = open(self.output_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._start = time.perf_counter()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        assert self.writer is not None and self._jsonl is not None
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+    def console(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
+
+    def progress(
+        self, step: int, total: int, done_since_start: int, epoch: int, epochs: int, fields: str
+    ) -> None:
+        elapsed = time.perf_counter() - self._start
+        eta = elapsed / max(done_since_start, 1) * (total - step)
+        eta_text = str(datetime.timedelta(seconds=int(eta)))
+        self.console(f"[epoch {epoch + 1}/{epochs} step {step}/{total}] {fields} eta {eta_text}")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,276 @@
+"""The one training loop, for every method.
+
+`train(cfg)` is where the CLI, torchrun and the submitit callable all end. It resumes from
+`output_dir/checkpoint.pth` when that file exists, so a requeued job never restarts from zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_kd.config import Config, to_dict, to_yaml
+from ssl_kd.engine.build import build_knn_data, build_method
+from ssl_kd.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from ssl_kd.engine.logging import RunLogger
+from ssl_kd.engine.schedules import cosine_schedule
+from ssl_kd.engine.streams import build_train_stream
+from ssl_kd.evaluation.knn import extract_features, knn_classify
+from ssl_kd.methods.base import Method, StepState
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
+    return torch.device(name)
+
+
+def seed_step(seed: int, step: int) -> torch.Generator:
+    """Seeds the global RNGs (drop path, dropout) and returns a generator for this step only,
+    so that a resumed step draws exactly what the uninterrupted run drew."""
+    torch.manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed * 2_000_003 + step)
+
+
+class Trainer:
+    """State of one run: method, optimizer, schedules, cost counters."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        self.rank, self.world_size = 0, 1
+        torch.manual_seed(cfg.train.seed)
+
+        self.stream = build_train_stream(cfg, self.rank, self.world_size)
+        self.method: Method = build_method(cfg).to(self.device)
+        self.optimizer = self._optimizer()
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self.schedules = self._schedules()
+        self.step = 0
+        self.totals: dict[str, float] = {"teacher_macs": 0.0, "teacher_macs_unmasked": 0.0}
+        self.results: dict[str, Any] = {}
+        self.amp = cfg.train.amp and self.device.type == "cuda"  # bf16 on CPU is far slower
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        groups = self.method.param_groups()
+        if self.cfg.optim.name == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.cfg.optim.betas))  # type: ignore[arg-type]
+
+    def _schedules(self) -> dict[str, torch.Tensor]:
+        optim = self.cfg.optim
+        global_batch = self.cfg.train.batch_size * self.world_size
+        lr = optim.lr * global_batch / 256  # the linear scaling rule of the DINO/MAE recipes
+        schedules = {
+            "lr": cosine_schedule(
+                lr, optim.min_lr, self.total_steps, optim.warmup_epochs * self.steps_per_epoch
+            ),
+            "weight_decay": cosine_schedule(
+                optim.weight_decay, optim.weight_decay_end, self.total_steps
+            ),
+        }
+        schedules.update(self.method.schedules(self.total_steps, self.steps_per_epoch))
+        return schedules
+
+    # --- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "config": to_dict(self.cfg),
+            "totals": self.totals,
+            "results": self.results,
+        }
+        save_atomic(state, self.checkpoint_path)
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        saved_model = state["config"].get("model", {})
+        if saved_model.get("name") != self.cfg.model.name:
+            raise ValueError(
+                f"{self.checkpoint_path} was written for model {saved_model.get('name')!r}, not "
+                f"{self.cfg.model.name!r}: use another output_dir, or the original model.name"
+            )
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as err:
+            raise ValueError(
+                f"{self.checkpoint_path} does not fit this configuration ({err}). "
+                "Use another output_dir, or the config the run was started with "
+                f"({self.output_dir / 'config.yaml'})."
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.totals.update(state.get("totals", {}))
+        self.results.update(state.get("results", {}))
+        return True
+
+    # --- evaluation -----------------------------------------------------------------------
+    def knn(self) -> dict[str, float] | None:
+        data = build_knn_data(self.cfg)
+        if data is None:
+            return None
+        train_batches, train_labels, val_batches, val_labels = data
+        backbone = self.method.export_backbone()
+        train_features = extract_features(backbone, train_batches(), self.device)
+        val_features = extract_features(backbone, val_batches(), self.device)
+        k = self.cfg.eval.knn_k
+        scores = knn_classify(
+            train_features, train_labels, val_features, val_labels, (k,),
+            self.cfg.eval.knn_temperature,
+        )[k]  # fmt: skip
+        return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
+
+    # --- the loop -------------------------------------------------------------------------
+    def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
+        epoch = self.step // self.steps_per_epoch
+        values = {name: float(array[self.step]) for name, array in self.schedules.items()}
+        state = StepState(self.step, epoch, values, seed_step(self.cfg.train.seed, self.step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["lr"]
+            group["weight_decay"] = values["weight_decay"] if group.get("apply_wd", True) else 0.0
+
+        views = [view.to(self.device, non_blocking=True) for view in views]
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.method(views, state)
+        loss = out.pop("loss")
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.step} (epoch {epoch}); stopping without "
+                f"saving, so {self.checkpoint_path} still holds the last good state. Lower "
+                "optim.lr, raise optim.warmup_epochs or dino.clip_grad's strictness, and resume."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        out.update(self.method.before_optimizer_step(state))
+        self.optimizer.step()
+        self.method.update_teacher(state)
+        self.step += 1
+        return {"loss": loss.item(), **values, **{k: float(v) for k, v in out.items()}}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        logger = RunLogger(self.output_dir, enabled=self.rank == 0)
+        resumed = self.resume()
+        if resumed:
+            logger.console(f"resumed from {self.checkpoint_path} at step {self.step}")
+        elif cfg.eval.knn_random_init and "knn_top1_random_init" not in self.results:
+            baseline = self.knn()
+            if baseline is not None:
+                self.results["knn_top1_random_init"] = baseline["knn_top1"]
+                logger.console(f"k-NN top-1 of the untrained backbone: {baseline['knn_top1']:.2f}")
+        start_step, start_time = self.step, time.perf_counter()
+        self.method.train()
+        window_time, window_images = time.perf_counter(), 0
+
+        while self.step < self.last_step:
+            epoch, batch_index = divmod(self.step, self.steps_per_epoch)
+            for views in self.stream.epoch(epoch, batch_index):
+                metrics = self.train_step(views)
+                window_images += int(metrics.get("images", views[0].shape[0]))
+                for key in self.totals:
+                    self.totals[key] += metrics.get(key, 0.0)
+                if self.step % cfg.train.log_every_steps == 0 or self.step == self.last_step:
+                    now = time.perf_counter()
+                    metrics["images_per_s"] = window_images / max(now - window_time, 1e-9)
+                    window_time, window_images = now, 0
+                    self._log(logger, metrics, start_step)
+                if self.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save()
+                if self.step >= self.last_step or self.step % self.steps_per_epoch == 0:
+                    break
+            epoch_done = self.step // self.steps_per_epoch
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.last_step:
+                every = cfg.eval.knn_every_epochs
+                if every and epoch_done % every == 0 and self.step < self.last_step:
+                    knn = self.knn()
+                    if knn is not None:
+                        logger.scalars(self.step, {"eval/knn_top1": knn["knn_top1"]})
+                        logger.console(f"epoch {epoch_done}: k-NN top-1 {knn['knn_top1']:.2f}")
+                self.save()
+
+        if cfg.eval.knn_at_end:
+            knn = self.knn()
+            if knn is not None:
+                self.results.update(knn)
+                logger.scalars(self.step, {"eval/knn_top1": knn["knn_top1"]})
+        summary = self._summary(time.perf_counter() - start_time)
+        if self.rank == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.save()
+        logger.close()
+        return summary
+
+    def _log(self, logger: RunLogger, metrics: dict[str, float], start_step: int) -> None:
+        images = max(metrics.get("images", 1.0), 1.0)
+        pflops = 2 * self.totals["teacher_macs"] / 1e15
+        scalars = {
+            "train/loss": metrics["loss"],
+            "train/lr": metrics["lr"],
+            "train/weight_decay": metrics["weight_decay"],
+            "train/images_per_s": metrics["images_per_s"],
+            "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
+            "cost/teacher_pflops_total": pflops,
+            "cost/teacher_pflops_unmasked_total": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
+        }
+        skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
+                "teacher_macs_unmasked"}  # fmt: skip
+        scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+        logger.scalars(self.step, scalars)
+        fields = (
+            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"keep {metrics.get('keep_ratio', 1.0):.2f} "
+            f"teacher {scalars['cost/teacher_gflops_per_image']:.3f} GFLOPs/img "
+            f"{metrics['images_per_s']:.0f} img/s"
+        )
+        logger.progress(
+            self.step, self.last_step, self.step - start_step,
+            (self.step - 1) // self.steps_per_epoch, self.cfg.train.epochs, fields,
+        )  # fmt: skip
+
+    def _summary(self, wall_s: float) -> dict[str, Any]:
+        return {
+            "output_dir": str(self.output_dir),
+            "method": self.cfg.method,
+            "model": self.cfg.model.name,
+            "steps": self.step,
+            "keep_ratio": self.cfg.masking.keep_ratio,
+            "masking_strategy": self.cfg.masking.strategy,
+            "teacher_pflops": 2 * self.totals["teacher_macs"] / 1e15,
+            "teacher_pflops_unmasked": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
+            "wall_s": wall_s,
+            **self.results,
+        }
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Trains (or resumes) the run `cfg` describes; returns the summary."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    return Trainer(cfg).fit()

@@ -1,0 +1,89 @@
+"""The contract every method fulfils; the trainer knows nothing else about a method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepState:
+    """Where training is, and this iteration's value of every method schedule."""
+
+    step: int
+    epoch: int
+    values: dict[str, float] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+
+class Method(nn.Module):
+    """A method owns its networks, heads and loss; the trainer only drives it.
+
+    Subclasses implement `forward(batch, state) -> {"loss": Tensor, <metric>: float, ...}`.
+    A metric named `teacher_macs` (and `teacher_macs_unmasked`) is the teacher's multiply-adds in
+    this step; the trainer accumulates it into the cost logs.
+    """
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
+        """Method-specific per-iteration schedules (e.g. teacher momentum, temperature)."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups; `apply_wd=False` groups get no weight decay (biases, norms)."""
+        return param_groups_without_wd_on_1d(self.trainable_module())
+
+    def trainable_module(self) -> nn.Module:
+        """What DDP wraps: never an EMA or frozen teacher."""
+        raise NotImplementedError
+
+    def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replaces the trainable module's call path with a wrapper (DDP)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, state: StepState) -> dict[str, float]:
+        """Gradient hooks (clipping, frozen layers); returns metrics such as the grad norm."""
+        return {}
+
+    @torch.no_grad()
+    def update_teacher(self, state: StepState) -> None:
+        """EMA update or nothing."""
+
+    def export_backbone(self) -> nn.Module:
+        """The backbone to evaluate and export (a `ViTBackbone`)."""
+        raise NotImplementedError
+
+
+def param_groups_without_wd_on_1d(module: nn.Module) -> list[dict[str, Any]]:
+    """Two groups: weights with decay; biases and norm parameters (ndim ≤ 1) without."""
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    for _name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "apply_wd": False},
+    ]
+
+
+def clip_gradients_per_parameter(parameters: list[Tensor], clip: float) -> float:
+    """DINO's clipping: each parameter's gradient norm is clipped to `clip` on its own.
+
+    Returns:
+        The total gradient norm before clipping (for logging).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if clip > 0:
+        for grad, norm in zip(grads, norms, strict=True):
+            coef = clip / (norm + 1e-6)
+            grad.mul_(coef.clamp(max=1.0))
+    return total

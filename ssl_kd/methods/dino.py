@@ -1,0 +1,229 @@
+"""DINO with student-guided teacher masking.
+
+DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers",
+arXiv:2104.14294. Teacher masking: Son et al., "The Role of Masking for Efficient Supervised
+Knowledge Distillation of Vision Transformers" (MaskedKD), arXiv:2302.10494, §4.3 and Table 5.
+
+The student sees every view in full. For each global view, the student's last-block [CLS]→patch
+attention (mean over heads) ranks the patches and the EMA teacher sees only the top-k patches of
+that same view, so its cost falls with the keep ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import update_momentum
+from torch import Tensor, nn
+
+from ssl_kd.config import DinoConfig, MaskingConfig
+from ssl_kd.engine.schedules import cosine_schedule, epoch_warmup_schedule
+from ssl_kd.flops import forward_macs
+from ssl_kd.masking import keep_ratio_schedule, num_kept, select
+from ssl_kd.methods.base import Method, StepState, clip_gradients_per_parameter
+from ssl_kd.models.backbone import ViTBackbone
+
+
+class DINONetwork(nn.Module):
+    """Backbone + DINO head over a list of views (DINO's MultiCropWrapper).
+
+    Views of one resolution run as one batch; the global views also yield the last block's
+    [CLS] attention when asked.
+    """
+
+    def __init__(self, backbone: ViTBackbone, head: DINOProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self,
+        global_views: Tensor,
+        local_views: Tensor | None = None,
+        keep_idx: Tensor | None = None,
+        cls_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Global views [G·B, C, H, W] (masked by keep_idx [G·B, k] if given), local views
+        [L·B, C, h, w] → logits [(G + L)·B, K] and the global views' [CLS] attention
+        [G·B, heads, N_kept]."""
+        out = self.backbone(global_views, keep_idx, cls_attention=cls_attention)
+        features = out.cls
+        if local_views is not None:
+            features = torch.cat([features, self.backbone(local_views).cls])
+        return self.head(features), out.cls_attention
+
+
+class DINO(Method):
+    """DINO's student, EMA teacher, heads and loss, with optional teacher masking.
+
+    Args:
+        backbone: the student backbone; the teacher starts as an exact (deep) copy.
+        cfg: the `dino` section; masking: the `masking` section.
+        global_crop_size: size of the global views (for the teacher's grid and cost).
+    """
+
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        cfg: DinoConfig,
+        masking: MaskingConfig,
+        global_crop_size: int,
+        epochs: int,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.masking = masking
+        self.epochs = epochs
+        self.grid = backbone.grid(global_crop_size)
+        self.global_crop_size = global_crop_size
+
+        head = self._new_head(backbone.embed_dim)
+        self.student = DINONetwork(backbone, head)
+        # deepcopy of the backbone; the head is rebuilt because weight_norm breaks deepcopy.
+        teacher_head = self._new_head(backbone.embed_dim)
+        teacher_head.load_state_dict(head.state_dict())
+        self.teacher = DINONetwork(copy.deepcopy(backbone), teacher_head)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self._student_call: nn.Module = self.student
+        self.loss_fn = DINOLoss(
+            output_dim=cfg.out_dim,
+            warmup_teacher_temp=cfg.warmup_teacher_temp,
+            teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+            student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+        )
+        self._macs_cache: dict[int, int] = {}
+
+    def _new_head(self, input_dim: int) -> DINOProjectionHead:
+        return DINOProjectionHead(
+            input_dim=input_dim,
+            hidden_dim=self.cfg.hidden_dim,
+            bottleneck_dim=self.cfg.bottleneck_dim,
+            output_dim=self.cfg.out_dim,
+            freeze_last_layer=self.cfg.freeze_last_layer_epochs,
+            norm_last_layer=self.cfg.norm_last_layer,
+        )
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.teacher.eval()  # the EMA teacher never drops paths or tokens
+        return self
+
+    # --- contract -------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def wrap_trainable(self, wrap) -> None:  # type: ignore[no-untyped-def]
+        self._student_call = wrap(self.student)
+
+    def export_backbone(self) -> ViTBackbone:
+        return self.teacher.backbone  # DINO evaluates the teacher
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
+        cfg, masking = self.cfg, self.masking
+        return {
+            "momentum": cosine_schedule(cfg.momentum_teacher, 1.0, total_steps),
+            "teacher_temp": epoch_warmup_schedule(
+                cfg.warmup_teacher_temp,
+                cfg.teacher_temp,
+                cfg.warmup_teacher_temp_epochs,
+                self.epochs,
+                steps_per_epoch,
+            )[:total_steps],
+            "keep_ratio": keep_ratio_schedule(
+                masking.keep_ratio,
+                masking.keep_ratio_start,
+                masking.keep_ratio_warmup_epochs * steps_per_epoch,
+                total_steps,
+            ),
+        }
+
+    def forward(self, views: list[Tensor], state: StepState) -> dict[str, Any]:
+        """views: [global_0, global_1, local_0, ...], each [B, C, H, W]."""
+        batch = views[0].shape[0]
+        global_views = torch.cat(views[:2])  # [2B, C, H, W]
+        local_views = torch.cat(views[2:]) if len(views) > 2 else None
+        num_patches = self.grid[0] * self.grid[1]
+        keep = num_kept(num_patches, state.values.get("keep_ratio", 1.0))
+        masked = keep < num_patches
+        needs_scores = masked and self.masking.strategy.startswith("attention")
+
+        student_logits, cls_attention = self._student_call(
+            global_views, local_views, cls_attention=needs_scores
+        )
+
+        # Only the 2 global views pass through the teacher, each reduced to the patches the
+        # student attends to most on that same view.
+        with torch.no_grad():
+            keep_idx = None
+            if masked:
+                scores = cls_attention.mean(dim=1) if cls_attention is not None else None
+                keep_idx = select(
+                    scores,
+                    keep,
+                    self.masking.strategy,
+                    num_patches=num_patches,
+                    batch_size=global_views.shape[0],
+                    grid=self.grid,
+                    generator=state.generator,
+                    device=global_views.device,
+                )
+            teacher_logits, _ = self.teacher(global_views, keep_idx=keep_idx)
+
+        loss = self.loss_fn(
+            list(teacher_logits.float().chunk(2)),
+            list(student_logits.float().chunk(len(views))),
+            teacher_temp=state.values.get("teacher_temp", self.cfg.teacher_temp),
+        )
+        metrics = self._teacher_stats(teacher_logits.detach().float(), state)
+        teacher_views = global_views.shape[0]
+        return {
+            "loss": loss,
+            **metrics,
+            "teacher_tokens_kept": keep + self.teacher.backbone.num_prefix_tokens,
+            "teacher_macs": teacher_views * self.teacher_macs_per_view(keep),
+            "teacher_macs_unmasked": teacher_views * self.teacher_macs_per_view(num_patches),
+            "images": batch,
+        }
+
+    @torch.no_grad()
+    def _teacher_stats(self, teacher_logits: Tensor, state: StepState) -> dict[str, float]:
+        """Collapse signals: per-sample entropy → ln K means uniform collapse; entropy of the
+        batch-mean distribution → 0 means every image lands in one dimension."""
+        temp = state.values.get("teacher_temp", self.cfg.teacher_temp)
+        center = self.loss_fn.center.reshape(1, -1)
+        probs = ((teacher_logits - center) / temp).softmax(dim=-1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean_probs = probs.mean(0)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+        return {
+            "teacher_entropy": entropy.item(),
+            "teacher_batch_entropy": batch_entropy.item(),
+            "log_out_dim": math.log(self.cfg.out_dim),
+        }
+
+    def teacher_macs_per_view(self, keep: int) -> int:
+        """Teacher multiply-adds for one global view with `keep` patches, measured once."""
+        if keep not in self._macs_cache:
+            self._macs_cache[keep] = forward_macs(self.teacher, self.global_crop_size, keep)
+        return self._macs_cache[keep]
+
+    def before_optimizer_step(self, state: StepState) -> dict[str, float]:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grad_norm = clip_gradients_per_parameter(params, self.cfg.clip_grad)
+        # DINO drops the last layer's gradients during the first epoch(s).
+        self.student.head.cancel_last_layer_gradients(state.epoch)
+        return {"grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def update_teacher(self, state: StepState) -> None:
+        momentum = state.values["momentum"]
+        update_momentum(self.student, self.teacher, momentum)
+

@@ -1,0 +1,230 @@
+"""timm ViT wrapper: masked forward, the last block's [CLS] attention, truncated forward.
+
+`ViTBackbone.forward(x, keep_idx)` adds position embeddings to every patch, then keeps only the
+patches in `keep_idx` (prefix tokens, i.e. [CLS] and registers, always stay), so a teacher fed
+a subset of patches pays only for those tokens (MaskedKD, arXiv:2302.10494; MAE, arXiv:2111.06377).
+
+The [CLS]→patch attention of the last block is recomputed from that block's own `qkv` output,
+captured by a forward hook: one query row against all keys, O(N·d) extra work. timm's fused
+attention stays on everywhere; no attention matrix is ever materialised for the other blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from einops import rearrange
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+
+@dataclass
+class BackboneOutput:
+    """What one forward returns.
+
+    Attributes:
+        cls: [B, D] pooled feature after the final norm (the DINO head's input); None when the
+            forward stopped before the last block.
+        tokens: [B, T, D] tokens after the last block run (normed only if all blocks ran);
+            T = prefix tokens + kept patches.
+        cls_attention: [B, H, N_kept] last block's post-softmax [CLS]→patch attention per head,
+            when requested.
+        block_outputs: raw outputs (before the final norm) of the requested blocks, [B, T, D].
+    """
+
+    cls: Tensor | None
+    tokens: Tensor
+    cls_attention: Tensor | None = None
+    block_outputs: dict[int, Tensor] = field(default_factory=dict)
+
+
+class ViTBackbone(nn.Module):
+    """A timm `VisionTransformer` with masked and truncated forwards."""
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
+        if not vit.dynamic_img_size:
+            raise ValueError("build the ViT with dynamic_img_size=True (multi-crop needs it)")
+        self.vit = vit
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.vit.blocks[-1].attn.num_heads)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.vit.num_prefix_tokens)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_embed.patch_size[0])
+
+    def grid(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of this size."""
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        return h // self.patch_size, w // self.patch_size
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Pixels [B, C, H, W] → tokens [B, P + N, D] with position embeddings, prefix first."""
+        x = self.vit.patch_embed(x)  # [B, h, w, D] (dynamic_img_size)
+        x = self.vit._pos_embed(x)
+        x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x)
+
+    def forward(
+        self,
+        x: Tensor,
+        keep_idx: Tensor | None = None,
+        *,
+        cls_attention: bool = False,
+        stop_after_block: int | None = None,
+        return_blocks: Sequence[int] = (),
+    ) -> BackboneOutput:
+        """Runs the ViT on all patches or on the kept ones.
+
+        Args:
+            x: [B, C, H, W] images (any size divisible by the patch size).
+            keep_idx: [B, k] patch-space indices to keep (sorted); None keeps all.
+            cls_attention: also return the last run block's [CLS]→patch attention.
+            stop_after_block: run blocks 0..j only (a truncated teacher); None runs all.
+            return_blocks: indices of blocks whose raw outputs to return.
+        """
+        tokens = self.embed(x)
+        if keep_idx is not None:
+            tokens = gather_patches(tokens, keep_idx, self.num_prefix_tokens)
+        last = self.num_blocks - 1 if stop_after_block is None else stop_after_block
+        if not 0 <= last < self.num_blocks:
+            raise ValueError(f"stop_after_block={last} outside 0..{self.num_blocks - 1}")
+        wanted = set(return_blocks)
+        if any(not 0 <= j <= last for j in wanted):
+            raise ValueError(f"return_blocks={sorted(wanted)} must lie in 0..{last}")
+
+        block_outputs: dict[int, Tensor] = {}
+        attention = None
+        for j, block in enumerate(self.vit.blocks[: last + 1]):
+            if j == last and cls_attention:
+                tokens, attention = self._block_with_cls_attention(block, tokens)
+            else:
+                tokens = block(tokens)
+            if j in wanted:
+                block_outputs[j] = tokens
+
+        cls = None
+        if last == self.num_blocks - 1:
+            tokens = self.vit.norm(tokens)
+            cls = self.vit.fc_norm(self.vit.pool(tokens))
+        return BackboneOutput(cls, tokens, attention, block_outputs)
+
+    def _block_with_cls_attention(self, block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Runs one block and recomputes its [CLS] attention row from the block's own qkv."""
+        attn = block.attn
+        captured: list[Tensor] = []
+        handle = attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            tokens = block(tokens)
+        finally:
+            handle.remove()
+        return tokens, cls_attention_from_qkv(captured[0], attn, self.num_prefix_tokens)
+
+
+def cls_attention_from_qkv(qkv: Tensor, attn: nn.Module, num_prefix_tokens: int) -> Tensor:
+    """Post-softmax attention of the [CLS] query over all keys, patch columns only.
+
+    Args:
+        qkv: [B, T, 3 * H * d] output of a timm `Attention.qkv`.
+
+    Returns:
+        [B, H, T - num_prefix_tokens] (softmax taken over all T keys, as in the block itself).
+    """
+    qkv = rearrange(qkv.detach(), "b t (three h d) -> three b h t d", three=3, h=attn.num_heads)
+    query = attn.q_norm(qkv[0][:, :, :1])  # [B, H, 1, d]: the [CLS] row only
+    keys = attn.k_norm(qkv[1])  # [B, H, T, d]
+    logits = (query.float() @ keys.float().transpose(-2, -1)) * attn.scale  # [B, H, 1, T]
+    return logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
+
+
+def gather_patches(tokens: Tensor, keep_idx: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Keeps the prefix tokens and the patch tokens at `keep_idx`.
+
+    Args:
+        tokens: [B, P + N, D]; keep_idx: [B, k] patch-space indices.
+
+    Returns:
+        [B, P + k, D].
+    """
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    index = keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([prefix, patches.gather(1, index)], dim=1)
+
+
+def create_backbone(
+    name: str,
+    img_size: int,
+    *,
+    drop_path_rate: float = 0.0,
+    checkpoint: str | None = None,
+    **kwargs: Any,
+) -> ViTBackbone:
+    """Builds any timm ViT by name, never downloading weights.
+
+    Args:
+        name: timm model name, e.g. `vit_small_patch16_224`.
+        img_size: size the position embedding is built for (other sizes are resampled).
+        checkpoint: optional local state dict to load (see `load_backbone_weights`).
+        kwargs: overrides for timm (patch_size, embed_dim, depth, num_heads, ...).
+    """
+    try:
+        vit = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+    except RuntimeError as err:
+        raise ValueError(f"timm cannot build model {name!r}: {err}") from None
+    backbone = ViTBackbone(vit)
+    if checkpoint is not None:
+        load_backbone_weights(backbone, checkpoint)
+    return backbone
+
+
+def load_backbone_weights(backbone: ViTBackbone, path: str | Path) -> None:
+    """Loads a timm-style backbone state dict (optionally under `model`/`state_dict`).
+
+    Head weights are ignored; any other missing or unexpected key is an error naming the keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = backbone.vit.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit {type(backbone.vit).__name__}: missing keys "
+            f"{result.missing_keys}, unexpected keys {result.unexpected_keys}"
+        )
