@@ -139,7 +139,9 @@ def _unknown_key_message(schema: DictConfig, dotted: str) -> str:
             valid = _keys_of(node)
             close = difflib.get_close_matches(part, valid, n=1)
             hint = f" Did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
-            return f"unknown config key '{dotted}'. Valid keys in {where}: {', '.join(valid)}.{hint}"
+            return (
+                f"unknown config key '{dotted}'. Valid keys in {where}: {', '.join(valid)}.{hint}"
+            )
         node = node[part]
     return f"unknown config key '{dotted}'"
 
@@ -254,7 +256,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         merged = _merge(merged, file_cfg, str(path))
     for override in overrides or []:
         if "=" not in override:
-            raise ConfigError(f"override {override!r} must look like key=value (e.g. train.epochs=10)")
+            raise ConfigError(
+                f"override {override!r} must look like key=value (e.g. train.epochs=10)"
+            )
         try:
             dotlist = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as err:

@@ -1,4 +1,4 @@
-"""Datasets and multi-crop: ImageFolder / flat folders for real use, scikit-learn's digits for demos.
+"""Datasets and multi-crop: ImageFolder or flat folders for real use, the bundled digits for demos.
 
 Two multi-crop paths produce the same thing, a list of views `[global_0, global_1, local_0, ...]`
 each `[B, C, H, W]`:
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets
 from torchvision import transforms as T
 
@@ -176,7 +176,7 @@ def eval_transform(img_size: int) -> T.Compose:
     """Resize (shorter side to size / 0.875) + centre crop + normalise, the k-NN/linear protocol."""
     return T.Compose(
         [
-            T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize(round(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -92,17 +92,28 @@ def _block(
     generator: torch.Generator | None,
     device: torch.device | str | None,
 ) -> Tensor:
-    """The `keep` patches nearest to a random centre: one compact region per sample."""
+    """One random rectangle per sample: ceil(sqrt(k)) columns wide, filled row by row to k."""
     h, w = grid
-    rows = torch.arange(h, device=device).repeat_interleave(w).float()  # [N]
-    cols = torch.arange(w, device=device).repeat(h).float()
-    centre = torch.rand(batch_size, 2, generator=generator, device=device)
-    centre = centre * torch.tensor([h - 1, w - 1], device=device)
-    distance = (rows - centre[:, :1]) ** 2 + (cols - centre[:, 1:]) ** 2  # [B, N]
-    return distance.topk(keep, dim=1, largest=False).indices
+    cols = min(math.ceil(math.sqrt(keep)), w)
+    rows = math.ceil(keep / cols)
+    top = torch.randint(0, h - rows + 1, (batch_size, 1), generator=generator).to(device)
+    left = torch.randint(0, w - cols + 1, (batch_size, 1), generator=generator).to(device)
+    patch_row = torch.arange(h, device=device).repeat_interleave(w)  # [N]
+    patch_col = torch.arange(w, device=device).repeat(h)
+    inside = (
+        (patch_row >= top)
+        & (patch_row < top + rows)
+        & (patch_col >= left)
+        & (patch_col < left + cols)
+    )
+    order = ((patch_row - top) * cols + (patch_col - left)).float()  # raster order inside
+    order = torch.where(inside, order, torch.full_like(order, float("inf")))
+    return order.topk(keep, dim=1, largest=False).indices
 
 
-def interpolate_scores(scores: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+def interpolate_scores(
+    scores: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> Tensor:
     """Resamples patch scores between grids (bilinear), e.g. for a teacher with another patch size.
 
     Args:

@@ -72,5 +72,10 @@ def build_knn_data(cfg: Config) -> tuple[Batches, Tensor, Batches, Tensor] | Non
         def labels(dataset) -> Tensor:  # type: ignore[no-untyped-def]
             return torch.tensor([label for _, label in getattr(dataset, "samples", [])])
 
-        return loader_batches(train_set), labels(train_set), loader_batches(val_set), labels(val_set)
+        return (
+            loader_batches(train_set),
+            labels(train_set),
+            loader_batches(val_set),
+            labels(val_set),
+        )
     return None

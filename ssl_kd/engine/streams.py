@@ -51,7 +51,9 @@ class TensorMultiCropStream:
         for offset, batch_indices in enumerate(indices):
             batch_index = start_batch + offset
             # Augmentation randomness depends on (epoch, batch, rank) only.
-            generator = step_generator(self.seed, (epoch * 1_000_003 + batch_index) * 64 + self.rank)
+            generator = step_generator(
+                self.seed, (epoch * 1_000_003 + batch_index) * 64 + self.rank
+            )
             yield self.crop(self.images[batch_indices], generator)
 
 

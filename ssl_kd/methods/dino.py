@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -102,14 +103,16 @@ class DINO(Method):
         self._macs_cache: dict[int, int] = {}
 
     def _new_head(self, input_dim: int) -> DINOProjectionHead:
-        return DINOProjectionHead(
-            input_dim=input_dim,
-            hidden_dim=self.cfg.hidden_dim,
-            bottleneck_dim=self.cfg.bottleneck_dim,
-            output_dim=self.cfg.out_dim,
-            freeze_last_layer=self.cfg.freeze_last_layer_epochs,
-            norm_last_layer=self.cfg.norm_last_layer,
-        )
+        with warnings.catch_warnings():  # lightly still uses the old weight_norm API
+            warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+            return DINOProjectionHead(
+                input_dim=input_dim,
+                hidden_dim=self.cfg.hidden_dim,
+                bottleneck_dim=self.cfg.bottleneck_dim,
+                output_dim=self.cfg.out_dim,
+                freeze_last_layer=self.cfg.freeze_last_layer_epochs,
+                norm_last_layer=self.cfg.norm_last_layer,
+            )
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
@@ -226,4 +229,3 @@ class DINO(Method):
     def update_teacher(self, state: StepState) -> None:
         momentum = state.values["momentum"]
         update_momentum(self.student, self.teacher, momentum)
-

@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make demo` and `make test` create .venv first if it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint bench-teacher-cost
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Short DINO pretraining on scikit-learn's digits with the teacher seeing half of the patches
+# (chosen by the student's attention), then k-NN; prints what it learned and what it cost.
+demo: $(STAMP)
+	$(VENV)/bin/ssl-kd train configs/demo.yaml $(ARGS)
+
+# Fast CPU tests (well under 15 minutes); slow/slurm/gpu tests run with test-all.
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench-teacher-cost: $(STAMP)
+	$(VENV)/bin/python eval/bench/teacher_cost.py

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from ssl_kd.models.backbone import gather_patches, load_backbone_weights
+from tests.conftest import tiny_backbone
+
+
+@pytest.fixture
+def backbone():
+    return tiny_backbone().eval()
+
+
+def test_unmasked_forward_equals_timm(backbone):
+    x = torch.randn(3, 3, 32, 32)
+    out = backbone(x)
+    vit = backbone.vit
+    reference = vit.forward_head(vit.forward_features(x), pre_logits=True)
+    assert torch.equal(out.cls, reference)
+    kept_all = backbone(x, torch.arange(64).expand(3, -1))
+    assert torch.allclose(kept_all.cls, reference, atol=1e-6)
+
+
+def test_masked_forward_adds_position_embedding_before_gather(backbone):
+    x = torch.randn(2, 3, 32, 32)
+    keep_idx = torch.tensor([[0, 3, 10, 63], [1, 2, 40, 50]])
+    out = backbone(x, keep_idx)
+    # reference: embed with timm's own pieces, gather by hand, run the blocks
+    vit = backbone.vit
+    tokens = vit._pos_embed(vit.patch_embed(x))
+    kept = torch.stack(
+        [torch.cat([t[:1], t[1:][k]]) for t, k in zip(tokens, keep_idx, strict=True)]
+    )
+    reference = vit.norm(vit.blocks(kept))
+    assert out.tokens.shape == (2, 5, 64)
+    assert torch.allclose(out.tokens, reference, atol=1e-6)
+
+
+def test_cls_attention_equals_explicit_attention(backbone):
+    x = torch.randn(2, 3, 32, 32)
+    out = backbone(x, cls_attention=True)
+    # explicit attention matrix of the last block, from timm's unfused path
+    last = backbone.vit.blocks[-1].attn
+    captured = []
+    handle = last.attn_drop.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0]))
+    last.fused_attn = False
+    try:
+        backbone(x)
+    finally:
+        last.fused_attn = True
+        handle.remove()
+    explicit = captured[0][:, :, 0, 1:]  # [B, H, N]: [CLS] query row, patch keys
+    assert out.cls_attention.shape == (2, 2, 64)
+    assert torch.allclose(out.cls_attention, explicit, atol=1e-5)
+
+
+def test_cls_attention_on_masked_tokens(backbone):
+    x = torch.randn(2, 3, 32, 32)
+    keep_idx = torch.arange(0, 64, 2).expand(2, -1)
+    out = backbone(x, keep_idx, cls_attention=True)
+    assert out.cls_attention.shape == (2, 2, 32)
+    assert (out.cls_attention.sum(-1) < 1).all()  # [CLS]'s attention to itself is excluded
+
+
+def test_fused_attention_stays_on(backbone):
+    backbone(torch.randn(1, 3, 32, 32), cls_attention=True)
+    assert all(block.attn.fused_attn for block in backbone.vit.blocks)
+
+
+def test_local_crops_of_another_size(backbone):
+    out = backbone(torch.randn(2, 3, 16, 16))
+    assert out.tokens.shape == (2, 1 + 16, 64)
+
+
+def test_truncated_forward_and_block_outputs(backbone):
+    x = torch.randn(2, 3, 32, 32)
+    out = backbone(x, stop_after_block=0, return_blocks=[0])
+    vit = backbone.vit
+    reference = vit.blocks[0](vit._pos_embed(vit.patch_embed(x)))
+    assert out.cls is None
+    assert torch.allclose(out.block_outputs[0], reference, atol=1e-6)
+    with pytest.raises(ValueError, match="stop_after_block"):
+        backbone(x, stop_after_block=5)
+
+
+def test_gather_patches_keeps_prefix():
+    tokens = torch.arange(2 * 5 * 1.0).reshape(1, 5, 2)
+    out = gather_patches(tokens, torch.tensor([[3]]), num_prefix_tokens=1)
+    assert out.tolist() == [[[0.0, 1.0], [8.0, 9.0]]]
+
+
+def test_load_weights_round_trip_and_mismatch(tmp_path):
+    source = tiny_backbone()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source.vit.state_dict()}, path)
+    target = tiny_backbone()
+    torch.nn.init.zeros_(target.vit.cls_token)
+    load_backbone_weights(target, path)
+    assert torch.equal(target.vit.cls_token, source.vit.cls_token)
+    state = source.vit.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm.weight"]
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError, match=r"missing keys \['norm.weight'\].*unexpected keys \['extra.weight'\]"
+    ):
+        load_backbone_weights(target, path)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_backbone_weights(target, tmp_path / "junk.pth")

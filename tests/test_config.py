@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+
+from ssl_kd.cli import main
+from ssl_kd.config import ConfigError, load_config, to_yaml
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  name: digits\ntrain:\n  epochs: 7\nmasking:\n  keep_ratio: 0.66\n")
+    cfg = load_config(path, ["train.batch_size=12", "masking.strategy=random"])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (7, 12)
+    assert (cfg.masking.keep_ratio, cfg.masking.strategy) == (0.66, "random")
+    assert cfg.optim.lr == 5e-4  # untouched default
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg  # the saved resolved config round-trips
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'.*Did you mean 'train.epochs'"),
+        ("trian.epochs=3", "unknown config key 'trian.epochs'.*Valid keys in <top level>"),
+        ("train.epochs=ten", "train.epochs"),
+        ("masking.keep_ratio=0", r"masking.keep_ratio=0.0 is impossible.*\(0, 1\]"),
+        ("masking.keep_ratio=1.5", "masking.keep_ratio=1.5 is impossible"),
+        (
+            "masking.strategy=topk",
+            "choose one of: attention_topk, random, attention_bottomk, block",
+        ),
+        ("data.name=imagenet", "data.name='imagenet' is not valid"),
+        ("train.batch_size=0", "train.batch_size=0 must be > 0"),
+        ("epochs", "must look like key=value"),
+    ],
+)
+def test_bad_config_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.name=digits", override])
+
+
+def test_imagefolder_needs_a_path():
+    with pytest.raises(ConfigError, match=r"data.path is not set"):
+        load_config(None, [])
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochs: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("dino:\n  out_dimm: 3\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown config key 'dino.out_dimm'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {name: digits}\n")
+    code = main(["train", str(path), "masking.keep_ratio=2", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "masking.keep_ratio=2.0 is impossible" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_kd.cli", "train", "nope.yaml"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "config file nope.yaml does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,153 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_kd.config import DinoConfig, MaskingConfig
+from ssl_kd.masking import select
+from ssl_kd.methods.base import StepState, clip_gradients_per_parameter
+from ssl_kd.methods.dino import DINO
+from tests.conftest import tiny_backbone
+
+SMALL_HEAD = {"out_dim": 50, "hidden_dim": 32, "bottleneck_dim": 16}
+
+
+def dino_loss_reference(teacher, student, center, teacher_temp, student_temp):
+    """The paper's formula, written out: H(P_t(x), P_s(x')) over pairs of different views."""
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher):
+        p_t = F.softmax((t - center) / teacher_temp, dim=-1)
+        for j, s in enumerate(student):
+            if i == j:
+                continue  # same view: no loss term
+            total = total + (-(p_t * F.log_softmax(s / student_temp, dim=-1)).sum(-1)).mean()
+            pairs += 1
+    return total / pairs
+
+
+def make_dino(keep_ratio=1.0, strategy="attention_topk", **dino_overrides):
+    cfg = DinoConfig(**{**SMALL_HEAD, **dino_overrides})
+    return DINO(tiny_backbone(), cfg, MaskingConfig(keep_ratio, strategy), 32, epochs=2)
+
+
+def views(batch=4, locals_=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(2)] + [
+        torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(locals_)
+    ]
+
+
+def test_loss_equals_the_paper_formula():
+    dino = make_dino()
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(6, 50, generator=generator) for _ in range(2)]
+    student = [torch.randn(6, 50, generator=generator) for _ in range(4)]
+    dino.loss_fn.center.copy_(torch.randn(1, 1, 50, generator=generator))
+    center = dino.loss_fn.center.reshape(1, -1).clone()
+    expected = dino_loss_reference(teacher, student, center, 0.04, 0.1)
+    actual = dino.loss_fn(teacher, student, teacher_temp=0.04)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    # the center moved towards the batch mean of the teacher outputs with momentum 0.9
+    batch_mean = torch.cat(teacher).mean(0, keepdim=True)
+    assert torch.allclose(
+        dino.loss_fn.center.reshape(1, -1), 0.9 * center + 0.1 * batch_mean, atol=1e-6
+    )
+
+
+def test_method_loss_matches_formula_on_its_own_outputs():
+    dino = make_dino().eval()
+    batch = views()
+    state = StepState(0, 0, {"teacher_temp": 0.07, "keep_ratio": 1.0})
+    center = dino.loss_fn.center.reshape(1, -1).clone()
+    with torch.no_grad():
+        student, _ = dino.student(torch.cat(batch[:2]), torch.cat(batch[2:]))
+        teacher, _ = dino.teacher(torch.cat(batch[:2]))
+        out = dino(batch, state)
+    expected = dino_loss_reference(teacher.chunk(2), student.chunk(4), center, 0.07, 0.1)
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+
+
+def test_teacher_starts_as_exact_copy_and_is_frozen():
+    dino = make_dino()
+    for (name, s), (_, t) in zip(
+        dino.student.named_parameters(), dino.teacher.named_parameters(), strict=True
+    ):
+        assert torch.equal(s, t), name
+        assert s.data_ptr() != t.data_ptr()  # a copy, not a shared module
+        assert not t.requires_grad
+    assert not dino.teacher.training
+    dino.train()
+    assert not dino.teacher.training
+
+
+def test_ema_update_formula():
+    dino = make_dino()
+    with torch.no_grad():
+        for p in dino.student.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in dino.teacher.parameters()]
+    dino.update_teacher(StepState(0, 0, {"momentum": 0.9}))
+    for t0, s, t in zip(before, dino.student.parameters(), dino.teacher.parameters(), strict=True):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+def test_unmasked_teacher_equals_plain_timm_forward():
+    dino = make_dino(keep_ratio=1.0)
+    x = torch.randn(3, 3, 32, 32)
+    logits, _ = dino.teacher(x)
+    vit = dino.teacher.backbone.vit
+    reference = dino.teacher.head(vit.forward_head(vit.forward_features(x), pre_logits=True))
+    assert torch.equal(logits, reference)
+
+
+@pytest.mark.parametrize("strategy", ["attention_topk", "attention_bottomk", "random", "block"])
+def test_teacher_sees_the_selected_patches_of_the_same_view(strategy):
+    dino = make_dino(keep_ratio=0.5, strategy=strategy).eval()
+    batch = views()
+    seen = []
+    original = dino.teacher.backbone.forward
+    dino.teacher.backbone.forward = lambda x, keep_idx=None, **kw: (
+        seen.append(keep_idx),
+        original(x, keep_idx, **kw),
+    )[1]
+    state = StepState(0, 0, {"keep_ratio": 0.5}, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = dino(batch, state)
+    keep_idx = seen[0]
+    assert keep_idx.shape == (8, 32)  # 2 global views × batch 4, half of 64 patches
+    assert out["teacher_tokens_kept"] == 33
+    if strategy.startswith("attention"):
+        attention = dino.student.backbone(torch.cat(batch[:2]), cls_attention=True).cls_attention
+        expected = select(attention.mean(1), 32, strategy)
+        assert torch.equal(keep_idx, expected)
+    assert out["teacher_macs"] < 0.6 * out["teacher_macs_unmasked"]
+
+
+def test_collapse_signals():
+    dino = make_dino()
+    state = StepState(0, 0, {"teacher_temp": 0.04})
+    uniform = dino._teacher_stats(torch.zeros(8, 50), state)
+    assert uniform["teacher_entropy"] == pytest.approx(math.log(50), rel=1e-5)
+    one_hot = torch.full((8, 50), -100.0)
+    one_hot[:, 3] = 100.0
+    collapsed = dino._teacher_stats(one_hot, state)
+    assert collapsed["teacher_batch_entropy"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_per_parameter_clipping_as_official_dino():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
+    total = clip_gradients_per_parameter([a, b], clip=1.0)
+    assert total == pytest.approx(math.sqrt(25 + 0.25))
+    assert torch.allclose(a.grad.norm(), torch.tensor(1.0), atol=1e-5)  # clipped alone
+    assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))  # under the clip: unchanged
+
+
+def test_last_layer_gradients_dropped_in_first_epoch():
+    dino = make_dino()
+    out = dino(views(), StepState(0, 0, {"keep_ratio": 1.0}))
+    out["loss"].backward()
+    dino.before_optimizer_step(StepState(0, 0))
+    assert all(p.grad is None for p in dino.student.head.last_layer.parameters())
+    assert dino.student.backbone.vit.cls_token.grad is not None
