@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-METHODS = ("dino",)
+METHODS = ("dino", "mae", "dmae")
+PROJECTIONS = ("linear", "mlp")
 STRATEGIES = ("attention_topk", "random", "attention_bottomk", "block")
 DATASETS = ("digits", "imagefolder")
 TRANSFORMS = ("lightly", "batched")
@@ -53,8 +54,11 @@ class DataConfig:
 
 @dataclass
 class MaskingConfig:
-    keep_ratio: float = 1.0  # fraction of patches the teacher sees; 1.0 is plain DINO
-    strategy: str = "attention_topk"
+    # DINO: fraction of patches the teacher sees (1.0 is plain DINO, the default);
+    # MAE/DMAE: fraction of patches the encoder sees (default 0.25).
+    keep_ratio: float | None = None
+    # DINO: attention_topk (default), random, attention_bottomk, block; MAE/DMAE: random, block.
+    strategy: str | None = None
     # Linear schedule of the keep ratio from keep_ratio_start to keep_ratio over the warm-up;
     # None keeps it constant.
     keep_ratio_start: float | None = None
@@ -75,6 +79,27 @@ class DinoConfig:
     momentum_teacher: float = 0.996  # cosine schedule to 1.0, per iteration
     freeze_last_layer_epochs: int = 1
     clip_grad: float = 3.0  # 0 disables
+
+
+@dataclass
+class DmaeConfig:
+    """MAE pretraining (method=mae) and DMAE distillation (method=dmae) from a frozen teacher."""
+
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    teacher_name: str = "vit_large_patch16_224"  # any timm ViT with the student's patch grid
+    teacher_checkpoint: str | None = None  # local file: MAE release, timm state dict, ssl_kd run
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    # (student block, teacher block) pairs, 0-based; the teacher stops after the deepest one.
+    aligned_blocks: list[list[int]] = field(default_factory=lambda: [[8, 17]])
+    projection: str = "linear"
+    distill_weight: float = 1.0
+    # Fraction of the student's visible patches the teacher sees (top of the student's [CLS]
+    # attention); 1.0: all visible patches, as in DMAE.
+    teacher_keep_ratio: float = 1.0
+    recon_images_every_steps: int = 0  # reconstruction pictures to TensorBoard; 0: never
 
 
 @dataclass
@@ -121,6 +146,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    dmae: DmaeConfig = field(default_factory=DmaeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -160,7 +186,7 @@ def _merge(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
 
 
 _MISSING = object()
-_FREE_DICTS = ("model.kwargs",)
+_FREE_DICTS = ("model.kwargs", "dmae.teacher_kwargs")
 
 
 def _under_free_dict(dotted: str) -> bool:
@@ -187,14 +213,16 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Checks the values a type alone cannot: choices, ranges, combinations."""
     _choice("method", cfg.method, METHODS)
-    _choice("masking.strategy", cfg.masking.strategy, STRATEGIES)
+    _choice("masking.strategy", str(cfg.masking.strategy), STRATEGIES)
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("data.transform", cfg.data.transform, TRANSFORMS)
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
+    _choice("dmae.projection", cfg.dmae.projection, PROJECTIONS)
     ratios = {
         "masking.keep_ratio": cfg.masking.keep_ratio,
         "masking.keep_ratio_start": cfg.masking.keep_ratio_start,
+        "dmae.teacher_keep_ratio": cfg.dmae.teacher_keep_ratio,
     }
     for key, ratio in ratios.items():
         if ratio is not None and not 0.0 < ratio <= 1.0:  # NaN fails this too
@@ -231,6 +259,30 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must lie in (0, 1)")
+    if cfg.method in ("mae", "dmae") and cfg.masking.strategy.startswith("attention"):
+        raise ConfigError(
+            f"masking.strategy={cfg.masking.strategy} needs a student attention map, which "
+            f"{cfg.method}'s encoder mask is drawn before; use random (or block). The DMAE "
+            "teacher's own top-k is dmae.teacher_keep_ratio"
+        )
+    if cfg.method in ("mae", "dmae") and cfg.masking.keep_ratio == 1.0:
+        raise ConfigError(
+            f"masking.keep_ratio=1.0 leaves nothing for {cfg.method} to reconstruct; "
+            "use 0.25 (MAE, DMAE) or 0.05"
+        )
+    if cfg.method == "dmae":
+        if not cfg.dmae.teacher_checkpoint:
+            raise ConfigError(
+                "dmae.teacher_checkpoint is not set: DMAE distils from a frozen pretrained MAE "
+                "teacher; point it at a local checkpoint (MAE release, timm state dict or an "
+                "ssl_kd run's checkpoint.pth)"
+            )
+        pairs = cfg.dmae.aligned_blocks
+        if not pairs or any(len(pair) != 2 or min(pair) < 0 for pair in pairs):
+            raise ConfigError(
+                f"dmae.aligned_blocks={pairs} must be a non-empty list of [student_block, "
+                "teacher_block] pairs of 0-based block indices, e.g. [[8, 17]]"
+            )
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be > 0 (or null)")
 
@@ -268,8 +320,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from None
+    resolve_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_defaults(cfg: Config) -> None:
+    """Fills the defaults that depend on the method."""
+    dino = cfg.method == "dino"
+    if cfg.masking.keep_ratio is None:
+        cfg.masking.keep_ratio = 1.0 if dino else 0.25
+    if cfg.masking.strategy is None:
+        cfg.masking.strategy = "attention_topk" if dino else "random"
 
 
 def to_yaml(cfg: Config) -> str:
@@ -280,6 +342,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Rebuilds a Config saved in a checkpoint (same checks as a YAML file)."""
     merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    resolve_defaults(cfg)
     validate(cfg)
     return cfg
 

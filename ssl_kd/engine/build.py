@@ -12,7 +12,8 @@ from ssl_kd.config import Config
 from ssl_kd.data import digits, eval_transform, image_dataset, normalize_images
 from ssl_kd.methods.base import Method
 from ssl_kd.methods.dino import DINO
-from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from ssl_kd.methods.dmae import DMAE
+from ssl_kd.models.backbone import ViTBackbone, create_backbone, load_backbone_weights
 
 
 def build_backbone(cfg: Config, drop_path_rate: float | None = None) -> ViTBackbone:
@@ -26,11 +27,28 @@ def build_backbone(cfg: Config, drop_path_rate: float | None = None) -> ViTBackb
     )
 
 
+def build_teacher(cfg: Config) -> ViTBackbone:
+    """DMAE's frozen teacher, loaded from a local file (never downloaded)."""
+    dmae = cfg.dmae
+    teacher = create_backbone(dmae.teacher_name, cfg.model.img_size, **dict(dmae.teacher_kwargs))
+    assert dmae.teacher_checkpoint is not None
+    ignored = load_backbone_weights(teacher, dmae.teacher_checkpoint)
+    if ignored:
+        shown = ", ".join(ignored[:6]) + (
+            f" and {len(ignored) - 6} more" if len(ignored) > 6 else ""
+        )
+        print(f"teacher {dmae.teacher_checkpoint}: ignored {len(ignored)} keys ({shown})")
+    return teacher
+
+
 def build_method(cfg: Config) -> Method:
     if cfg.method == "dino":
         return DINO(
             build_backbone(cfg), cfg.dino, cfg.masking, cfg.data.global_crop_size, cfg.train.epochs
         )
+    if cfg.method in ("mae", "dmae"):
+        teacher = build_teacher(cfg) if cfg.method == "dmae" else None
+        return DMAE(build_backbone(cfg), teacher, cfg.dmae, cfg.masking, cfg.data.global_crop_size)
     raise ValueError(f"unknown method {cfg.method!r}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from lightly.transforms import DINOTransform
+from lightly.transforms import DINOTransform, MAETransform
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -32,9 +32,10 @@ class TensorMultiCropStream:
 
     def __init__(
         self, images: Tensor, spec: MultiCropSpec, batch_size: int, seed: int, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, num_views: int | None = None,
     ) -> None:  # fmt: skip
         self.images = images
+        self.num_views = num_views  # keep only the first views (MAE: 1)
         self.crop = BatchedMultiCrop(spec)
         self.batch_size = batch_size
         self.seed = seed
@@ -54,7 +55,8 @@ class TensorMultiCropStream:
             generator = step_generator(
                 self.seed, (epoch * 1_000_003 + batch_index) * 64 + self.rank
             )
-            yield self.crop(self.images[batch_indices], generator)
+            views = self.crop(self.images[batch_indices], generator)
+            yield views[: self.num_views] if self.num_views else views
 
 
 class _TensorImages(Dataset):
@@ -119,6 +121,9 @@ def build_train_stream(
         data.hflip_prob,
     )
     batch_size, seed = cfg.train.batch_size, cfg.train.seed
+    single_view = cfg.method in ("mae", "dmae")  # MAE: one random resized crop, no multi-crop
+    if single_view:
+        spec.num_local_views = 0
     if data.transform == "batched":
         if data.name != "digits":
             raise ValueError(
@@ -127,16 +132,20 @@ def build_train_stream(
             )
         images = digits(seed, data.test_fraction)[0]
         stream: TensorMultiCropStream | LoaderStream = TensorMultiCropStream(
-            images, spec, batch_size, seed, rank, world_size
+            images, spec, batch_size, seed, rank, world_size, num_views=1 if single_view else None
         )
     else:
-        transform = DINOTransform(
-            global_crop_size=data.global_crop_size,
-            global_crop_scale=tuple(data.global_crop_scale),
-            local_crop_size=data.local_crop_size,
-            local_crop_scale=tuple(data.local_crop_scale),
-            n_local_views=data.num_local_views,
-            hf_prob=data.hflip_prob,
+        transform = (
+            MAETransform(data.global_crop_size)
+            if single_view
+            else DINOTransform(
+                global_crop_size=data.global_crop_size,
+                global_crop_scale=tuple(data.global_crop_scale),
+                local_crop_size=data.local_crop_size,
+                local_crop_scale=tuple(data.local_crop_scale),
+                n_local_views=data.num_local_views,
+                hf_prob=data.hflip_prob,
+            )
         )
         if data.name == "digits":
             dataset: Dataset = _TensorImages(digits(seed, data.test_fraction)[0], transform)

@@ -1,0 +1,215 @@
+"""MAE pretraining, and DMAE: MAE with feature distillation from a frozen, larger MAE teacher.
+
+MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", arXiv:2111.06377.
+DMAE: Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers", arXiv:2208.12256.
+
+The teacher sees exactly the student's visible patches and runs only blocks 0..j for the deepest
+aligned block j: no later block, no decoder, no head. With `teacher_keep_ratio < 1` it sees only
+the visible patches the student's last-block [CLS] attention ranks highest (the DMAE counterpart
+of MaskedKD), and the alignment covers just those tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightly.models.utils import patchify
+from torch import Tensor, nn
+
+from ssl_kd.config import DmaeConfig, MaskingConfig
+from ssl_kd.flops import forward_macs
+from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
+from ssl_kd.masking import num_kept, select
+from ssl_kd.methods.base import Method, StepState
+from ssl_kd.models.backbone import ViTBackbone, gather_patches
+from ssl_kd.models.heads import MAEDecoder, alignment_projection, complement
+
+
+class MAEStudent(nn.Module):
+    """Encoder, decoder and alignment projections: everything DMAE trains (what DDP wraps)."""
+
+    def __init__(
+        self, encoder: ViTBackbone, decoder: MAEDecoder, projections: nn.ModuleList
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.projections = projections
+
+    def forward(
+        self,
+        images: Tensor,
+        keep_idx: Tensor,
+        mask_idx: Tensor,
+        student_blocks: list[int],
+        cls_attention: bool,
+    ) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
+        """→ predicted pixels of the masked patches [B, N - k, 3p²], raw block outputs of the
+        aligned student blocks [B, 1 + k, D], the last block's [CLS] attention [B, H, k]."""
+        out = self.encoder(
+            images, keep_idx, cls_attention=cls_attention, return_blocks=student_blocks
+        )
+        return self.decoder(out.tokens, keep_idx, mask_idx), out.block_outputs, out.cls_attention
+
+
+class DMAE(Method):
+    """MAE (teacher=None) or DMAE (a frozen teacher backbone given).
+
+    Args:
+        encoder: the student encoder; teacher: frozen pretrained backbone or None (plain MAE).
+        cfg: the `dmae` section; masking: the `masking` section (keep ratio of the encoder).
+        img_size: input size.
+    """
+
+    def __init__(
+        self,
+        encoder: ViTBackbone,
+        teacher: ViTBackbone | None,
+        cfg: DmaeConfig,
+        masking: MaskingConfig,
+        img_size: int,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.masking = masking
+        self.img_size = img_size
+        self.grid = encoder.grid(img_size)
+        num_patches = self.grid[0] * self.grid[1]
+        self.pairs = [tuple(pair) for pair in cfg.aligned_blocks] if teacher is not None else []
+        projections = nn.ModuleList()
+        if teacher is not None:
+            self._check_teacher(encoder, teacher)
+            projections.extend(
+                alignment_projection(encoder.embed_dim, teacher.embed_dim, cfg.projection)
+                for _ in self.pairs
+            )
+            teacher.requires_grad_(False)
+            teacher.eval()
+        decoder = MAEDecoder(
+            num_patches,
+            encoder.embed_dim,
+            3 * encoder.patch_size**2,
+            cfg.decoder_dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+            encoder.num_prefix_tokens,
+        )
+        self.student = MAEStudent(encoder, decoder, projections)
+        self._student_call: nn.Module = self.student
+        # A plain attribute, not a submodule: the frozen teacher is never saved in checkpoints,
+        # never handed to the optimizer and never wrapped in DDP.
+        self.__dict__["teacher"] = teacher
+        self.teacher_last_block = max((t for _, t in self.pairs), default=-1)
+        self._macs_cache: dict[tuple[int, int | None], int] = {}
+
+    def _check_teacher(self, encoder: ViTBackbone, teacher: ViTBackbone) -> None:
+        if teacher.grid(self.img_size) != self.grid:
+            raise ValueError(
+                f"teacher patch grid {teacher.grid(self.img_size)} differs from the student's "
+                f"{self.grid}: DMAE feeds both the same visible patches, so their patch sizes "
+                "must match"
+            )
+        for student_block, teacher_block in self.cfg.aligned_blocks:
+            if student_block >= encoder.num_blocks or teacher_block >= teacher.num_blocks:
+                raise ValueError(
+                    f"dmae.aligned_blocks pair [{student_block}, {teacher_block}] is out of "
+                    f"range: the student has blocks 0..{encoder.num_blocks - 1}, the teacher "
+                    f"0..{teacher.num_blocks - 1}"
+                )
+
+    def to(self, *args: Any, **kwargs: Any) -> DMAE:
+        super().to(*args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.to(*args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> DMAE:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # --- contract -------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def wrap_trainable(self, wrap) -> None:  # type: ignore[no-untyped-def]
+        self._student_call = wrap(self.student)
+
+    def export_backbone(self) -> ViTBackbone:
+        return self.student.encoder
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
+        return {"keep_ratio": torch.full((total_steps,), float(self.masking.keep_ratio))}
+
+    def forward(self, views: list[Tensor], state: StepState) -> dict[str, Any]:
+        images = views[0]  # [B, 3, H, W]: MAE uses one view
+        batch = images.shape[0]
+        num_patches = self.grid[0] * self.grid[1]
+        keep = num_kept(num_patches, state.values.get("keep_ratio", self.masking.keep_ratio))
+        keep_idx = select(
+            None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
+            grid=self.grid, generator=state.generator, device=images.device,
+        )  # fmt: skip
+        mask_idx = complement(keep_idx, num_patches)
+        distilling = self.teacher is not None and self.cfg.distill_weight > 0
+        teacher_keep = num_kept(keep, self.cfg.teacher_keep_ratio)
+        pred, student_blocks, cls_attention = self._student_call(
+            images, keep_idx, mask_idx, [s for s, _ in self.pairs],
+            cls_attention=distilling and teacher_keep < keep,
+        )  # fmt: skip
+        target = patchify(images, self.student.encoder.patch_size)
+        target = target.gather(1, mask_idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        recon = mae_pixel_loss(pred.float(), target.float(), self.cfg.norm_pix_loss)
+        out: dict[str, Any] = {"recon_loss": recon.item(), "images": batch}
+        if not distilling:
+            out["loss"] = recon
+            return out
+
+        # The teacher sees the student's visible patches (or their top fraction by the student's
+        # [CLS] attention) and stops at the deepest aligned block.
+        visible_pos = None
+        teacher_idx = keep_idx
+        if cls_attention is not None:
+            visible_pos = select(cls_attention.mean(dim=1), teacher_keep, "attention_topk")
+            teacher_idx = keep_idx.gather(1, visible_pos)
+        with torch.no_grad():
+            teacher_out = self.teacher(
+                images, teacher_idx, stop_after_block=self.teacher_last_block,
+                return_blocks=[t for _, t in self.pairs],
+            )  # fmt: skip
+        prefix = self.student.encoder.num_prefix_tokens
+        distill = images.new_zeros(())
+        for (s_block, t_block), projection in zip(
+            self.pairs, self.student.projections, strict=True
+        ):
+            student_tokens = student_blocks[s_block]  # [B, P + k, D_s]
+            if visible_pos is not None:
+                student_tokens = gather_patches(student_tokens, visible_pos, prefix)
+            distill = distill + feature_alignment_loss(
+                projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
+            )
+        distill = distill / len(self.pairs)
+        out.update(
+            loss=recon + self.cfg.distill_weight * distill,
+            distill_loss=distill.item(),
+            teacher_tokens_kept=teacher_keep + prefix,
+            teacher_macs=batch * self.teacher_macs(teacher_keep, self.teacher_last_block),
+            teacher_macs_unmasked=batch * self.teacher_macs(keep, None),
+        )
+        return out
+
+    def teacher_macs(self, keep: int, stop_after_block: int | None) -> int:
+        """Teacher multiply-adds per image, measured once per (tokens, depth).
+
+        `teacher_macs_unmasked` uses (visible patches, all blocks): what a teacher costs that
+        runs to its end on the same visible patches, before its decoder.
+        """
+        key = (keep, stop_after_block)
+        if key not in self._macs_cache:
+            assert self.teacher is not None
+            self._macs_cache[key] = forward_macs(
+                self.teacher, self.img_size, keep, stop_after_block=stop_after_block
+            )
+        return self._macs_cache[key]

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from PIL import Image
+
+from ssl_kd.data import (
+    BatchedMultiCrop,
+    EpochPermutation,
+    MultiCropSpec,
+    digits,
+    image_dataset,
+    load_image,
+)
+from ssl_kd.engine.streams import build_train_stream
+from ssl_kd.engine.trainer import Trainer
+from tests.conftest import tiny_config
+
+SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
+
+
+def write_digit_folder(root, per_class=4):
+    images, labels, _, _ = digits(0)
+    for c in range(3):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i, index in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
+            array = (images[index].permute(1, 2, 0) * 255).byte().numpy()
+            Image.fromarray(array).save(root / f"class_{c}" / f"{i}.png")
+
+
+def test_digits_split_is_fixed_by_seed_and_stratified():
+    a = digits(0)
+    b = digits(0)
+    c = digits(1)
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+    train_images, train_labels, test_images, test_labels = a
+    assert (
+        train_images.shape[1:] == (3, 32, 32)
+        and 0 <= train_images.min()
+        and train_images.max() <= 1
+    )
+    assert len(train_labels) + len(test_labels) == 1797
+    share = torch.bincount(test_labels, minlength=10).float() / len(test_labels)
+    assert (share - 0.1).abs().max() < 0.02  # every class in proportion
+
+
+def test_batched_multicrop_shapes_and_determinism():
+    images = digits(0)[0][:8]
+    crop = BatchedMultiCrop(SPEC)
+    views = crop(images, torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
+    again = crop(images, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
+    assert not torch.equal(views[0], views[1])  # two different global crops
+
+
+def test_full_crop_without_jitter_is_identity():
+    images = digits(0)[0][:4]
+    spec = MultiCropSpec(32, 16, 0, (1.0, 1.0), (1.0, 1.0), hflip_prob=0.0)
+    crop = BatchedMultiCrop(spec, mean=(0, 0, 0), std=(1, 1, 1))
+    crop.jitter_prob = 0.0
+    view = crop._crop(images, 32, (1.0, 1.0), torch.Generator().manual_seed(0), aspect=(1.0, 1.0))
+    assert torch.allclose(view, images, atol=1e-5)
+
+
+def test_epoch_permutation_resumes_at_a_batch():
+    full = EpochPermutation(100, 8, seed=0, epoch=3).indices
+    resumed = EpochPermutation(100, 8, seed=0, epoch=3, start_batch=5).indices
+    assert resumed == full[40:96]  # drop_last: 12 batches of 8
+    ranks = [EpochPermutation(100, 8, 0, 3, rank=r, num_replicas=2).indices for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_image_folder_and_flat_folder(tmp_path):
+    write_digit_folder(tmp_path / "classes")
+    labelled = image_dataset(tmp_path / "classes")
+    assert len(labelled) == 12 and sorted(set(labelled.targets)) == [0, 1, 2]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(flat / f"{i}.jpg")
+    assert len(image_dataset(flat)) == 3
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        image_dataset(tmp_path / "missing")
+
+
+def test_corrupt_image_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken.jpg.*Remove or replace"):
+        load_image(str(bad))
+
+
+def test_lightly_multicrop_stream_trains_on_an_image_folder(tmp_path):
+    write_digit_folder(tmp_path / "data")
+    cfg = tiny_config(
+        tmp_path / "run",
+        **{"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
+           "data.transform": "lightly", "data.num_workers": 0, "train.batch_size": 4},
+    )  # fmt: skip
+    stream = build_train_stream(cfg)
+    views = next(stream.epoch(0))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    trainer = Trainer(cfg)
+    first = trainer.train_step(views)
+    assert first["loss"] > 0 and first["teacher_tokens_kept"] == 33
