@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint bench-teacher-cost
+.PHONY: demo demo-dmae test test-all lint bench-teacher-cost bench-dmae-step
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 # (chosen by the student's attention), then k-NN; prints what it learned and what it cost.
 demo: $(STAMP)
 	$(VENV)/bin/ssl-kd train configs/demo.yaml $(ARGS)
+
+# MAE teacher pretrained on the digits, then distilled into a smaller student with DMAE.
+demo-dmae: $(STAMP)
+	$(VENV)/bin/ssl-kd train configs/demo_mae_teacher.yaml
+	$(VENV)/bin/ssl-kd train configs/demo_dmae.yaml
 
 # Fast CPU tests (well under 15 minutes); slow/slurm/gpu tests run with test-all.
 test: $(STAMP)
@@ -30,3 +35,6 @@ lint: $(STAMP)
 
 bench-teacher-cost: $(STAMP)
 	$(VENV)/bin/python eval/bench/teacher_cost.py
+
+bench-dmae-step: $(STAMP)
+	$(VENV)/bin/python eval/bench/dmae_step.py
