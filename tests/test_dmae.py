@@ -49,7 +49,7 @@ def test_teacher_sees_the_visible_patches_and_runs_j_plus_one_blocks():
     dmae = make_dmae()
     encoder_calls = []
     dmae.student.encoder.register_forward_hook(lambda m, args, out: encoder_calls.append(args[1]))
-    calls, blocks_run, _ = spy_on_teacher(dmae)
+    calls, _, _ = spy_on_teacher(dmae)
     out = dmae([torch.randn(4, 3, 32, 32)], StepState(0, 0, {}, torch.Generator().manual_seed(0)))
     student_keep = encoder_calls[0]
     assert student_keep.shape == (4, 16)  # 25% of 64 patches
@@ -158,7 +158,8 @@ def test_loads_the_official_mae_layout_and_names_mismatches(tmp_path):
     assert torch.equal(target.vit.pos_embed, source.vit.pos_embed)
     with pytest.raises(
         ValueError,
-        match=r"unexpected keys \['blocks.2.*shape mismatches \['cls_token: file \(1, 1, 96\) vs model \(1, 1, 64\)",
+        match=r"unexpected keys \['blocks.2.*shape mismatches "
+        r"\['cls_token: file \(1, 1, 96\) vs model \(1, 1, 64\)",
     ):
         load_backbone_weights(tiny_backbone(), path)
 

@@ -103,9 +103,11 @@ def main() -> None:
     print("| variant | step s | teacher s | teacher / naive | step speed-up |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
+        teacher_ratio = row["teacher_s"] / naive["teacher_s"]
+        speedup = naive["step_s"] / row["step_s"]
         print(
             f"| {name} | {row['step_s']:.2f} | {row['teacher_s']:.2f} | "
-            f"{row['teacher_s'] / naive['teacher_s']:.2f} | {naive['step_s'] / row['step_s']:.2f}× |"
+            f"{teacher_ratio:.2f} | {speedup:.2f}× |"
         )
     if args.json:
         with open(args.json, "w") as handle:
