@@ -218,3 +218,28 @@ def test_dmae_resume_and_run_checkpoint_as_teacher(tmp_path, teacher_file):
     load_backbone_weights(student, tmp_path / "run" / "checkpoint.pth")
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["method"]
     assert torch.equal(student.vit.cls_token, saved["student.encoder.vit.cls_token"])
+
+
+def test_unpatchify_inverts_lightly_patchify():
+    from lightly.models.utils import patchify
+
+    from ssl_kd.methods.dmae import unpatchify
+
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(unpatchify(patchify(images, 4), 4, (8, 8)), images)
+
+
+def test_reconstruction_pictures_reach_tensorboard(tmp_path, teacher_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = dmae_overrides(
+        tmp_path, teacher_file, **{"train.max_steps": 2, "dmae.recon_images_every_steps": 2}
+    )
+    train(cfg)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "dmae/reconstruction" in events.Tags()["images"]
+    picture = events.Images("dmae/reconstruction")[0]
+    # 3 columns (original, masked, reconstruction) × 4 rows of 32 px, 2 px padding
+    assert (picture.step, picture.width, picture.height) == (2, 3 * 34 + 2, 4 * 34 + 2)
+    assert {"method/recon_loss", "method/distill_loss"} <= set(events.Tags()["scalars"])

@@ -31,6 +31,11 @@ class RunLogger:
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
 
+    def images(self, step: int, images: dict[str, Any]) -> None:
+        if self.writer is not None:
+            for tag, image in images.items():
+                self.writer.add_image(tag, image, step)
+
     def console(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stdout, flush=True)

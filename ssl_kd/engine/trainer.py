@@ -192,6 +192,11 @@ class Trainer:
             epoch, batch_index = divmod(self.step, self.steps_per_epoch)
             for views in self.stream.epoch(epoch, batch_index):
                 metrics = self.train_step(views)
+                every = self.method.picture_every_steps
+                if every and self.step % every == 0 and self.rank == 0:
+                    with torch.no_grad():
+                        state = StepState(self.step, epoch, {}, seed_step(cfg.train.seed, -1))
+                        logger.images(self.step, self.method.pictures(views, state))
                 window_images += int(metrics.get("images", views[0].shape[0]))
                 for key in self.totals:
                     self.totals[key] += metrics.get(key, 0.0)

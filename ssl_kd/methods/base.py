@@ -52,6 +52,12 @@ class Method(nn.Module):
     def update_teacher(self, state: StepState) -> None:
         """EMA update or nothing."""
 
+    picture_every_steps: int = 0  # how often the trainer asks for `pictures`; 0: never
+
+    def pictures(self, views: list[Tensor], state: StepState) -> dict[str, Tensor]:
+        """Images for TensorBoard, tag → [3, H, W] in [0, 1]."""
+        return {}
+
     def export_backbone(self) -> nn.Module:
         """The backbone to evaluate and export (a `ViTBackbone`)."""
         raise NotImplementedError

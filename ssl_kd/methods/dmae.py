@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 from lightly.models.utils import patchify
+from einops import rearrange
 from torch import Tensor, nn
+from torchvision.utils import make_grid
 
 from ssl_kd.config import DmaeConfig, MaskingConfig
+from ssl_kd.data import IMAGENET_MEAN, IMAGENET_STD
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import num_kept, select
@@ -101,6 +104,7 @@ class DMAE(Method):
         # never handed to the optimizer and never wrapped in DDP.
         self.__dict__["teacher"] = teacher
         self.teacher_last_block = max((t for _, t in self.pairs), default=-1)
+        self.picture_every_steps = cfg.recon_images_every_steps
         self._macs_cache: dict[tuple[int, int | None], int] = {}
 
     def _check_teacher(self, encoder: ViTBackbone, teacher: ViTBackbone) -> None:
@@ -213,3 +217,46 @@ class DMAE(Method):
                 self.teacher, self.img_size, keep, stop_after_block=stop_after_block
             )
         return self._macs_cache[key]
+
+    @torch.no_grad()
+    def pictures(self, views: list[Tensor], state: StepState) -> dict[str, Tensor]:
+        """Rows of (original, masked input, reconstruction) for up to 4 images."""
+        images = views[0][:4]
+        batch, patch = images.shape[0], self.student.encoder.patch_size
+        num_patches = self.grid[0] * self.grid[1]
+        keep = num_kept(num_patches, self.masking.keep_ratio)
+        keep_idx = select(
+            None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
+            grid=self.grid, generator=state.generator, device=images.device,
+        )  # fmt: skip
+        mask_idx = complement(keep_idx, num_patches)
+        was_training = self.student.training
+        self.student.eval()
+        pred = self.student(images, keep_idx, mask_idx, [], False)[0].float()
+        self.student.train(was_training)
+        patches = patchify(images, patch).float()  # [B, N, p²·3]
+        masked_patches = patches.gather(1, mask_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        if self.cfg.norm_pix_loss:  # predictions are in per-patch normalised units
+            mean = masked_patches.mean(-1, keepdim=True)
+            std = (masked_patches.var(-1, keepdim=True) + 1e-6).sqrt()
+            pred = pred * std + mean
+        index = mask_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+        masked_input = patches.scatter(1, index, torch.zeros_like(masked_patches))
+        reconstruction = patches.scatter(1, index, pred)
+        rows = [unpatchify(p, patch, self.grid) for p in (patches, masked_input, reconstruction)]
+        grid = torch.stack(rows, dim=1).flatten(0, 1)  # [B·3, 3, H, W]
+        return {"dmae/reconstruction": make_grid(to_unit_range(grid), nrow=3)}
+
+
+def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
+    """[B, N, p²·3] (lightly's patchify layout) → [B, 3, H, W]."""
+    return rearrange(
+        patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch
+    )
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """ImageNet-normalised images back to [0, 1] for display."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
