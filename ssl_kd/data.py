@@ -115,10 +115,19 @@ class BatchedMultiCrop:
     jitter (p = 0.8), then normalisation. One `affine_grid` + `grid_sample` per view group.
     """
 
-    def __init__(self, spec: MultiCropSpec, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        spec: MultiCropSpec,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        jitter_prob: float = 0.8,
+        aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
         self.spec = spec
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.jitter_prob = jitter_prob
+        self.aspect = aspect
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
         """images: [B, 3, H, W] in [0, 1] → [2 global views, num_local_views local views]."""
@@ -142,7 +151,7 @@ class BatchedMultiCrop:
             return torch.rand(batch, generator=generator) * (high - low) + low
 
         area = uniform(*scale)
-        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        log_ratio = uniform(math.log(self.aspect[0]), math.log(self.aspect[1]))
         width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # fraction of the side
         height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
         centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
@@ -156,7 +165,7 @@ class BatchedMultiCrop:
         grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
         views = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
 
-        jitter = torch.rand(batch, generator=generator) < 0.8
+        jitter = torch.rand(batch, generator=generator) < self.jitter_prob
         brightness = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
         contrast = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
         views = views * brightness

@@ -55,9 +55,8 @@ def test_batched_multicrop_shapes_and_determinism():
 def test_full_crop_without_jitter_is_identity():
     images = digits(0)[0][:4]
     spec = MultiCropSpec(32, 16, 0, (1.0, 1.0), (1.0, 1.0), hflip_prob=0.0)
-    crop = BatchedMultiCrop(spec, mean=(0, 0, 0), std=(1, 1, 1))
-    crop.jitter_prob = 0.0
-    view = crop._crop(images, 32, (1.0, 1.0), torch.Generator().manual_seed(0), aspect=(1.0, 1.0))
+    crop = BatchedMultiCrop(spec, mean=(0, 0, 0), std=(1, 1, 1), jitter_prob=0.0, aspect=(1, 1))
+    view = crop(images, torch.Generator().manual_seed(0))[0]
     assert torch.allclose(view, images, atol=1e-5)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightly.models.utils import patchify
 from einops import rearrange
+from lightly.models.utils import patchify
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
