@@ -71,6 +71,7 @@ class DinoConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # False for ViT-S in the official recipe
+    batch_norm: bool = False  # BatchNorm in the head's MLP (DINO's ResNet recipe)
     student_temp: float = 0.1
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04

@@ -109,6 +109,7 @@ class DINO(Method):
                 input_dim=input_dim,
                 hidden_dim=self.cfg.hidden_dim,
                 bottleneck_dim=self.cfg.bottleneck_dim,
+                batch_norm=self.cfg.batch_norm,
                 output_dim=self.cfg.out_dim,
                 freeze_last_layer=self.cfg.freeze_last_layer_epochs,
                 norm_last_layer=self.cfg.norm_last_layer,
