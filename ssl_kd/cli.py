@@ -69,6 +69,14 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ssl_kd.models.export import export_backbone
+
+    keys = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {len(keys)} tensors to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-kd", description="Self-supervised ViT pretraining with a cheaper teacher."
@@ -92,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--stop-after-block", type=int, default=None, metavar="J")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.set_defaults(run=_flops)
+
+    export = commands.add_parser(
+        "export",
+        help="write a timm-loadable backbone state dict",
+        description="Writes the backbone a run evaluates (DINO: the teacher; MAE/DMAE: the "
+        "encoder) without prefixes or heads; timm.create_model(name, pretrained=True, "
+        "num_classes=0, pretrained_cfg_overlay=dict(file=OUT)) loads it strictly.",
+    )
+    export.add_argument("checkpoint", help="an ssl_kd checkpoint.pth (or MAE/timm state dict)")
+    export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
+    export.set_defaults(run=_export)
     return parser
 
 
