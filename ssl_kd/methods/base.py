@@ -36,13 +36,25 @@ class Method(nn.Module):
         """Optimizer groups; `apply_wd=False` groups get no weight decay (biases, norms)."""
         return param_groups_without_wd_on_1d(self.trainable_module())
 
+    # Subclasses set `self.student` (everything trained), call it through `self._student_call`
+    # and may hold a `self.teacher` (EMA or frozen), which stays in eval mode.
+    student: nn.Module
+    _student_call: nn.Module
+
     def trainable_module(self) -> nn.Module:
         """What DDP wraps: never an EMA or frozen teacher."""
-        raise NotImplementedError
+        return self.student
 
     def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Replaces the trainable module's call path with a wrapper (DDP)."""
-        raise NotImplementedError
+        """Routes the student's forward through a wrapper (DDP) without changing its weights."""
+        self._student_call = wrap(self.student)
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.eval()  # a teacher never drops paths or tokens
+        return self
 
     def before_optimizer_step(self, state: StepState) -> dict[str, float]:
         """Gradient hooks (clipping, frozen layers); returns metrics such as the grad norm."""

@@ -115,18 +115,7 @@ class DINO(Method):
                 norm_last_layer=self.cfg.norm_last_layer,
             )
 
-    def train(self, mode: bool = True) -> DINO:
-        super().train(mode)
-        self.teacher.eval()  # the EMA teacher never drops paths or tokens
-        return self
-
     # --- contract -------------------------------------------------------------------------
-    def trainable_module(self) -> nn.Module:
-        return self.student
-
-    def wrap_trainable(self, wrap) -> None:  # type: ignore[no-untyped-def]
-        self._student_call = wrap(self.student)
-
     def export_backbone(self) -> ViTBackbone:
         return self.teacher.backbone  # DINO evaluates the teacher
 

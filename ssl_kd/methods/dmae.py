@@ -128,19 +128,7 @@ class DMAE(Method):
             self.teacher.to(*args, **kwargs)
         return self
 
-    def train(self, mode: bool = True) -> DMAE:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     # --- contract -------------------------------------------------------------------------
-    def trainable_module(self) -> nn.Module:
-        return self.student
-
-    def wrap_trainable(self, wrap) -> None:  # type: ignore[no-untyped-def]
-        self._student_call = wrap(self.student)
-
     def export_backbone(self) -> ViTBackbone:
         return self.student.encoder
 
