@@ -45,14 +45,15 @@ def spy_on_teacher(dmae):
     return calls, blocks_run, hooks
 
 
-def test_teacher_sees_the_visible_patches_and_runs_j_plus_one_blocks():
-    dmae = make_dmae()
+@pytest.mark.parametrize(("keep_ratio", "visible"), [(0.25, 16), (0.05, 3)])
+def test_teacher_sees_the_visible_patches_and_runs_j_plus_one_blocks(keep_ratio, visible):
+    dmae = make_dmae(keep_ratio=keep_ratio)
     encoder_calls = []
     dmae.student.encoder.register_forward_hook(lambda m, args, out: encoder_calls.append(args[1]))
     calls, _, _ = spy_on_teacher(dmae)
     out = dmae([torch.randn(4, 3, 32, 32)], StepState(0, 0, {}, torch.Generator().manual_seed(0)))
     student_keep = encoder_calls[0]
-    assert student_keep.shape == (4, 16)  # 25% of 64 patches
+    assert student_keep.shape == (4, visible)  # 25% (or 5%) of 64 patches
     assert torch.equal(calls[0][0], student_keep)
     assert calls[0][2] == [0, 1, 2]  # blocks 0..j for j = 2; block 3 never ran
     assert out["teacher_macs"] < out["teacher_macs_unmasked"]

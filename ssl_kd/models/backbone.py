@@ -131,15 +131,22 @@ class ViTBackbone(nn.Module):
         return BackboneOutput(cls, tokens, attention, block_outputs)
 
     def _block_with_cls_attention(self, block: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Runs one block and recomputes its [CLS] attention row from the block's own qkv."""
+        """Runs one block and recomputes its [CLS] attention row from the block's own qkv.
+
+        The row is computed inside the hook, so the full qkv tensor is not kept alive.
+        """
         attn = block.attn
         captured: list[Tensor] = []
-        handle = attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], qkv: Tensor) -> None:
+            captured.append(cls_attention_from_qkv(qkv, attn, self.num_prefix_tokens))
+
+        handle = attn.qkv.register_forward_hook(hook)
         try:
             tokens = block(tokens)
         finally:
             handle.remove()
-        return tokens, cls_attention_from_qkv(captured[0], attn, self.num_prefix_tokens)
+        return tokens, captured[0]
 
 
 def cls_attention_from_qkv(qkv: Tensor, attn: nn.Module, num_prefix_tokens: int) -> Tensor:
