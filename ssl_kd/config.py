@@ -339,14 +339,5 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuilds a Config saved in a checkpoint (same checks as a YAML file)."""
-    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    resolve_defaults(cfg)
-    validate(cfg)
-    return cfg
-
-
 def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

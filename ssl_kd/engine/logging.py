@@ -48,18 +48,8 @@ class RunLogger:
         eta_text = str(datetime.timedelta(seconds=int(eta)))
         self.console(f"[epoch {epoch + 1}/{epochs} step {step}/{total}] {fields} eta {eta_text}")
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
-
-    def __enter__(self) -> RunLogger:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
