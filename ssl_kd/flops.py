@@ -43,13 +43,16 @@ def forward_macs(module: nn.Module, img_size: int, keep: int | None = None, **kw
     keep_idx = None
     if keep is not None:
         keep_idx = torch.arange(keep, device=param.device).unsqueeze(0)
-    was_training = module.training
+    # Per-module flags are restored, not just the root's: a DINO teacher keeps its head's
+    # BatchNorm in training mode inside an otherwise eval-mode network.
+    modes = [(child, child.training) for child in module.modules()]
     module.eval()
     try:
         with flop_counter() as counter:
             module(image, keep_idx=keep_idx, **kwargs)
     finally:
-        module.train(was_training)
+        for child, training in modes:
+            child.training = training
     return int(counter.get_total_flops()) // 2
 
 

@@ -151,3 +151,16 @@ def test_last_layer_gradients_dropped_in_first_epoch():
     dino.before_optimizer_step(StepState(0, 0))
     assert all(p.grad is None for p in dino.student.head.last_layer.parameters())
     assert dino.student.backbone.vit.cls_token.grad is not None
+
+
+def test_batch_norm_head_of_the_teacher_normalises_with_batch_statistics():
+    """As official DINO (teacher never in eval mode): the EMA copies parameters, not running
+    statistics, so an eval-mode BatchNorm would stay at its initial (0, 1) for ever."""
+    dino = make_dino(keep_ratio=0.5, batch_norm=True).train()
+    dino(views(batch=8), StepState(0, 0, {"teacher_temp": 0.04, "keep_ratio": 0.5}))
+    norms = [m for m in dino.teacher.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(m.training for m in norms)  # still so after the cost was measured
+    assert not dino.teacher.backbone.training  # the backbone stays in eval mode (no drop path)
+    features = dino.teacher.backbone(views(batch=8)[0]).cls
+    hidden = dino.teacher.head.layers[1](dino.teacher.head.layers[0](features))
+    assert torch.allclose(hidden.mean(0), dino.teacher.head.layers[1].bias, atol=1e-5)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ssl_kd.cli import main
-from ssl_kd.flops import cost_report
+from ssl_kd.flops import cost_report, forward_macs
+from tests.conftest import tiny_backbone
 
 # MaskedKD (arXiv:2302.10494) Table 5: DINO ViT-S teacher PFLOPs at each keep ratio, 589 full.
 TABLE_5 = {0.87: 507 / 589, 0.77: 446 / 589, 0.66: 384 / 589, 0.61: 354 / 589}
@@ -48,3 +49,11 @@ def test_truncated_teacher_counts_only_the_blocks_run():
     assert half["blocks_run"] == 6
     # 6 of 12 blocks, plus the patch embedding both share
     assert half["gmacs_full"] == pytest.approx(full["gmacs_full"] / 2, rel=0.02)
+
+
+def test_forward_macs_restores_every_module_mode():
+    backbone = tiny_backbone().train()
+    backbone.vit.blocks[0].eval()
+    before = [m.training for m in backbone.modules()]
+    forward_macs(backbone, 32, 8)
+    assert [m.training for m in backbone.modules()] == before

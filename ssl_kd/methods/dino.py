@@ -115,6 +115,18 @@ class DINO(Method):
                 norm_last_layer=self.cfg.norm_last_layer,
             )
 
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        if mode:
+            # Official DINO never puts its teacher in eval mode: a BatchNorm head normalises the
+            # teacher's batch with that batch's statistics. The EMA copies parameters, not
+            # running statistics, so eval-mode BatchNorm would keep its initial (0, 1) forever
+            # and the teacher's common mode would swamp the per-image signal.
+            for module in self.teacher.head.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
+        return self
+
     # --- contract -------------------------------------------------------------------------
     def export_backbone(self) -> ViTBackbone:
         return self.teacher.backbone  # DINO evaluates the teacher
