@@ -80,6 +80,9 @@ class DinoConfig:
     momentum_teacher: float = 0.996  # cosine schedule to 1.0, per iteration
     freeze_last_layer_epochs: int = 1
     clip_grad: float = 3.0  # 0 disables
+    # DINOv2's KoLeo regulariser on the student's global-view [CLS] features (0.1 in DINOv2);
+    # it spreads the backbone features of a batch, which small datasets need (see README).
+    koleo_weight: float = 0.0
 
 
 @dataclass

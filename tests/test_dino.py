@@ -61,8 +61,8 @@ def test_method_loss_matches_formula_on_its_own_outputs():
     state = StepState(0, 0, {"teacher_temp": 0.07, "keep_ratio": 1.0})
     center = dino.loss_fn.center.reshape(1, -1).clone()
     with torch.no_grad():
-        student, _ = dino.student(torch.cat(batch[:2]), torch.cat(batch[2:]))
-        teacher, _ = dino.teacher(torch.cat(batch[:2]))
+        student, _, _ = dino.student(torch.cat(batch[:2]), torch.cat(batch[2:]))
+        teacher, _, _ = dino.teacher(torch.cat(batch[:2]))
         out = dino(batch, state)
     expected = dino_loss_reference(teacher.chunk(2), student.chunk(4), center, 0.07, 0.1)
     assert torch.allclose(out["loss"], expected, atol=1e-5)
@@ -95,7 +95,7 @@ def test_ema_update_formula():
 def test_unmasked_teacher_equals_plain_timm_forward():
     dino = make_dino(keep_ratio=1.0)
     x = torch.randn(3, 3, 32, 32)
-    logits, _ = dino.teacher(x)
+    logits, _, _ = dino.teacher(x)
     vit = dino.teacher.backbone.vit
     reference = dino.teacher.head(vit.forward_head(vit.forward_features(x), pre_logits=True))
     assert torch.equal(logits, reference)
@@ -164,3 +164,17 @@ def test_batch_norm_head_of_the_teacher_normalises_with_batch_statistics():
     features = dino.teacher.backbone(views(batch=8)[0]).cls
     hidden = dino.teacher.head.layers[1](dino.teacher.head.layers[0](features))
     assert torch.allclose(hidden.mean(0), dino.teacher.head.layers[1].bias, atol=1e-5)
+
+
+def test_koleo_term_is_dinov2s_regulariser_on_the_global_student_features():
+    dino = make_dino(koleo_weight=0.1).train()
+    batch = views(batch=6)
+    state = StepState(0, 0, {"teacher_temp": 0.04})
+    with torch.random.fork_rng():
+        out = dino(batch, state)
+    features = dino.student.backbone(torch.cat(batch[:2])).cls
+    expected = 0.0
+    for crop in F.normalize(features, dim=-1).chunk(2):  # -log(distance to nearest neighbour)
+        distances = torch.cdist(crop, crop) + torch.eye(len(crop)) * 1e9
+        expected += -torch.log(distances.min(dim=1).values + 1e-8).mean()
+    assert out["koleo_loss"] == pytest.approx(float(expected), rel=1e-4)

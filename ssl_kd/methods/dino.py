@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 import torch
-from lightly.loss import DINOLoss
+from lightly.loss import DINOLoss, KoLeoLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
@@ -48,15 +48,15 @@ class DINONetwork(nn.Module):
         local_views: Tensor | None = None,
         keep_idx: Tensor | None = None,
         cls_attention: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Global views [G·B, C, H, W] (masked by keep_idx [G·B, k] if given), local views
-        [L·B, C, h, w] → logits [(G + L)·B, K] and the global views' [CLS] attention
-        [G·B, heads, N_kept]."""
+        [L·B, C, h, w] → logits [(G + L)·B, K], the global views' [CLS] features [G·B, D] and
+        their last-block [CLS] attention [G·B, heads, N_kept]."""
         out = self.backbone(global_views, keep_idx, cls_attention=cls_attention)
         features = out.cls
         if local_views is not None:
             features = torch.cat([features, self.backbone(local_views).cls])
-        return self.head(features), out.cls_attention
+        return self.head(features), out.cls, out.cls_attention
 
 
 class DINO(Method):
@@ -100,6 +100,7 @@ class DINO(Method):
             student_temp=cfg.student_temp,
             center_momentum=cfg.center_momentum,
         )
+        self.koleo = KoLeoLoss()
         self._macs_cache: dict[int, int] = {}
 
     def _new_head(self, input_dim: int) -> DINOProjectionHead:
@@ -160,7 +161,7 @@ class DINO(Method):
         masked = keep < num_patches
         needs_scores = masked and self.masking.strategy.startswith("attention")
 
-        student_logits, cls_attention = self._student_call(
+        student_logits, student_cls, cls_attention = self._student_call(
             global_views, local_views, cls_attention=needs_scores
         )
 
@@ -180,7 +181,7 @@ class DINO(Method):
                     generator=state.generator,
                     device=global_views.device,
                 )
-            teacher_logits, _ = self.teacher(global_views, keep_idx=keep_idx)
+            teacher_logits, _, _ = self.teacher(global_views, keep_idx=keep_idx)
 
         loss = self.loss_fn(
             list(teacher_logits.float().chunk(2)),
@@ -188,6 +189,11 @@ class DINO(Method):
             teacher_temp=state.values.get("teacher_temp", self.cfg.teacher_temp),
         )
         metrics = self._teacher_stats(teacher_logits.detach().float(), state)
+        if self.cfg.koleo_weight > 0:
+            # DINOv2: one KoLeo term per global crop, over that crop's batch.
+            koleo = sum(self.koleo(view) for view in student_cls.float().chunk(2))
+            loss = loss + self.cfg.koleo_weight * koleo
+            metrics["koleo_loss"] = float(koleo)
         teacher_views = global_views.shape[0]
         return {
             "loss": loss,
