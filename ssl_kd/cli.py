@@ -1,4 +1,4 @@
-"""`ssl-kd`: train, flops, export, eval. Every command ends in the same library calls.
+"""`ssl-kd`: train, flops, export, eval; every command ends in the library calls launchers use."""
 
 from __future__ import annotations
 
