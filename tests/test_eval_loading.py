@@ -131,7 +131,7 @@ def test_wrong_files_fail_with_the_file_and_the_keys_named(run, tmp_path):
     assert "and 16 more]" in message  # long key lists are cut, with the count
     listing = tmp_path / "list.pth"
     torch.save([1, 2], listing)
-    with pytest.raises(ValueError, match="list.pth holds a list, not a state dict"):
+    with pytest.raises(ValueError, match=r"list\.pth holds a list, not a state dict"):
         load_backbone(listing)
     empty = tmp_path / "empty.pth"
     torch.save({"epoch": 3}, empty)

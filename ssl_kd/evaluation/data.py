@@ -106,12 +106,27 @@ def eval_splits(
     )
 
 
+class ImageBatches:
+    """Image batches [B, C, H, W] of a dataset in a given order, labels dropped; has a length
+    (the number of batches) for progress bars."""
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, order: Sequence[int] | None, num_workers: int
+    ) -> None:
+        indices = list(range(len(dataset))) if order is None else list(order)  # type: ignore[arg-type]
+        batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for images, _labels in self.loader:
+            yield images
+
+
 def image_batches(
     dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, num_workers: int = 0
-) -> Iterator[Tensor]:
+) -> ImageBatches:
     """Image batches [B, C, H, W] in `order` (default: dataset order), labels dropped."""
-    indices = list(range(len(dataset))) if order is None else list(order)  # type: ignore[arg-type]
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    for images, _labels in loader:
-        yield images
+    return ImageBatches(dataset, batch_size, order, num_workers)
