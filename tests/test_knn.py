@@ -70,3 +70,38 @@ def test_evaluate_knn_on_digits_matches_manual_pipeline():
     manual = knn_classify(train, splits.train_labels, val, splits.val_labels, ks=(20,))
     assert scores[20]["top1"] == pytest.approx(manual[20]["top1"])
     assert 10.0 < scores[20]["top1"] <= 100.0  # above chance (10 classes) even untrained
+
+
+def test_cli_on_an_imagefolder_with_train_and_val(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ssl_kd.cli import main
+    from tests.conftest import TINY_VIT
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label, colour in enumerate(([200, 30, 30], [30, 30, 200])):
+            folder = tmp_path / "data" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                noise = torch.randint(0, 40, (40, 48, 3), generator=generator)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    weights = tmp_path / "timm_state.pth"
+    torch.save(tiny_backbone().vit.state_dict(), weights)
+    common = ["--model", "vit_tiny_patch16_224", "--model-kwargs", str(TINY_VIT),
+              "--data", str(tmp_path / "data"), "--img-size", "32", "--num-workers", "0",
+              "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(["eval", "knn", str(weights), "--ks", "1", "3", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "ImageFolder" in printed and "12 train / 6 val images at 32 px" in printed
+    scores = json.loads((tmp_path / "out" / "knn_eval.json").read_text())["scores"]
+    assert scores["1"]["top1"] == 100.0  # two flat colours: the nearest neighbour is right
+    argv = ["eval", "linear", str(weights), "--epochs", "1", "--augment", *common]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "linear_dino" / "linear_eval.json").read_text())
+    assert result["augmentation"] and not result["cached_features"]
+    assert main(["eval", "knn", str(weights), *common[:4], "--data", str(tmp_path)]) == 2
+    assert "expected 'digits' or a folder with train/ and val/" in capsys.readouterr().err

@@ -71,6 +71,9 @@ class DINO(Method):
         global_crop_size: size of the global views (for the teacher's grid and cost).
     """
 
+    student: DINONetwork
+    teacher: DINONetwork
+
     def __init__(
         self,
         backbone: ViTBackbone,
@@ -230,13 +233,11 @@ class DINO(Method):
         attention = backbone(images, cls_attention=True).cls_attention  # [B, heads, N]
         backbone.train(was_training)
         num_patches = self.grid[0] * self.grid[1]
-        keep = num_kept(num_patches, state.values.get("keep_ratio", self.masking.keep_ratio))
+        final_ratio, strategy = self.masking.keep_ratio, self.masking.strategy
+        assert final_ratio is not None and strategy is not None  # resolved by load_config
+        keep = num_kept(num_patches, state.values.get("keep_ratio", final_ratio))
         keep_idx = select(
-            attention.mean(dim=1),
-            keep,
-            self.masking.strategy,
-            grid=self.grid,
-            generator=state.generator,
+            attention.mean(dim=1), keep, strategy, grid=self.grid, generator=state.generator
         )
         panels = attention_panels(
             to_unit_range(images), attention, keep_idx, self.grid, backbone.patch_size
