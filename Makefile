@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-all lint bench-teacher-cost bench-dmae-step
+.PHONY: demo demo-dmae test test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ bench-teacher-cost: $(STAMP)
 
 bench-dmae-step: $(STAMP)
 	$(VENV)/bin/python eval/bench/dmae_step.py
+
+bench-linear-cache: $(STAMP)
+	$(VENV)/bin/python eval/bench/linear_cache.py --epochs 10

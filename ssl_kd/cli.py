@@ -1,4 +1,4 @@
-"""`ssl-kd`: train, flops. Every command ends in the same library calls the launchers use."""
+"""`ssl-kd`: train, flops, export, eval; every command ends in the library calls launchers use."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ssl_kd.cli_eval import add_eval_commands
 from ssl_kd.config import ConfigError, load_config
 
 TRAIN_HELP = """\
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="an ssl_kd checkpoint.pth (or MAE/timm state dict)")
     export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
     export.set_defaults(run=_export)
+
+    add_eval_commands(commands)
     return parser
 
 

@@ -140,6 +140,9 @@ class EvalConfig:
     # Labelled ImageFolders for k-NN with data.name=imagefolder (digits has its own split).
     knn_train_path: str | None = None
     knn_val_path: str | None = None
+    # Attention / masked-teacher-input pictures (DINO; DMAE: reconstructions) to TensorBoard
+    # every N steps; 0: never (DMAE's own dmae.recon_images_every_steps still applies).
+    pictures_every_steps: int = 0
 
 
 @dataclass
@@ -248,6 +251,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if cfg.eval.pictures_every_steps < 0:
+        raise ConfigError(
+            f"eval.pictures_every_steps={cfg.eval.pictures_every_steps} must be >= 0 (0: never)"
+        )
     if cfg.data.num_local_views < 0:
         raise ConfigError(f"data.num_local_views={cfg.data.num_local_views} must be >= 0")
     for key, scale in (

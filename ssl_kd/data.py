@@ -181,6 +181,13 @@ def normalize_images(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
+def to_unit_range(images: Tensor) -> Tensor:
+    """ImageNet-normalised [B, 3, H, W] → [0, 1] for display (the inverse of normalize_images)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
 def eval_transform(img_size: int) -> T.Compose:
     """Resize (shorter side to size / 0.875) + centre crop + normalise, the k-NN/linear protocol."""
     return T.Compose(

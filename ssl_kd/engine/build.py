@@ -42,14 +42,21 @@ def build_teacher(cfg: Config) -> ViTBackbone:
 
 
 def build_method(cfg: Config) -> Method:
+    method: Method
     if cfg.method == "dino":
-        return DINO(
+        method = DINO(
             build_backbone(cfg), cfg.dino, cfg.masking, cfg.data.global_crop_size, cfg.train.epochs
         )
-    if cfg.method in ("mae", "dmae"):
+    elif cfg.method in ("mae", "dmae"):
         teacher = build_teacher(cfg) if cfg.method == "dmae" else None
-        return DMAE(build_backbone(cfg), teacher, cfg.dmae, cfg.masking, cfg.data.global_crop_size)
-    raise ValueError(f"unknown method {cfg.method!r}")
+        method = DMAE(
+            build_backbone(cfg), teacher, cfg.dmae, cfg.masking, cfg.data.global_crop_size
+        )
+    else:
+        raise ValueError(f"unknown method {cfg.method!r}")
+    if cfg.eval.pictures_every_steps:
+        method.picture_every_steps = cfg.eval.pictures_every_steps
+    return method
 
 
 Batches = Callable[[], Iterable[Tensor]]

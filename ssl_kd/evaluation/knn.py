@@ -9,29 +9,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_kd.evaluation.data import EvalSplits, image_batches
+from ssl_kd.evaluation.features import FeatureSpec, extract
 from ssl_kd.models.backbone import ViTBackbone
 
+DINO_KS = (10, 20, 100, 200)
 
-@torch.no_grad()
+
 def extract_features(
     backbone: ViTBackbone,
     batches: Iterable[Tensor],
     device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> Tensor:
     """[CLS] features of every image, in order: [N, D] float32, L2-normalised."""
-    was_training = backbone.training
-    backbone.eval()
-    features = []
-    try:
-        for images in batches:
-            out = backbone(images.to(device, non_blocking=True))
-            features.append(F.normalize(out.cls.float(), dim=-1).cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.cat(features)
+    return extract(backbone, batches, FeatureSpec(normalize=True), device, progress)
 
 
 @torch.no_grad()
@@ -71,3 +65,25 @@ def knn_classify(
         k: {"top1": 100.0 * c[0].item() / total, "top5": 100.0 * c[1].item() / total}
         for k, c in correct.items()
     }
+
+
+def evaluate_knn(
+    backbone: ViTBackbone,
+    splits: EvalSplits,
+    ks: Sequence[int] = DINO_KS,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """Extracts train and val features once, then scores every k (DINO's k-NN protocol)."""
+    features = {}
+    for name, dataset in (("train", splits.train), ("val", splits.val)):
+        batches = image_batches(dataset, batch_size, num_workers=num_workers)
+        features[name] = extract_features(
+            backbone, batches, device, f"{name} features" if progress else None
+        )
+    return knn_classify(
+        features["train"], splits.train_labels, features["val"], splits.val_labels, ks, temperature
+    )

@@ -21,13 +21,16 @@ from lightly.loss import DINOLoss, KoLeoLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
+from torchvision.utils import make_grid
 
 from ssl_kd.config import DinoConfig, MaskingConfig
+from ssl_kd.data import to_unit_range
 from ssl_kd.engine.schedules import cosine_schedule, epoch_warmup_schedule
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import keep_ratio_schedule, num_kept, select
 from ssl_kd.methods.base import Method, StepState, clip_gradients_per_parameter
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.visualize import attention_panels
 
 
 class DINONetwork(nn.Module):
@@ -67,6 +70,9 @@ class DINO(Method):
         cfg: the `dino` section; masking: the `masking` section.
         global_crop_size: size of the global views (for the teacher's grid and cost).
     """
+
+    student: DINONetwork
+    teacher: DINONetwork
 
     def __init__(
         self,
@@ -232,6 +238,31 @@ class DINO(Method):
         # DINO drops the last layer's gradients during the first epoch(s).
         self.student.head.cancel_last_layer_gradients(state.epoch)
         return {"grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def pictures(self, views: list[Tensor], state: StepState) -> dict[str, Tensor]:
+        """Up to 4 global views, one row each: image, the student's last-block [CLS] attention
+        per head and averaged, and the masked teacher's input (the patches that average picks
+        at the keep ratio; the others dimmed)."""
+        images = views[0][:4]
+        backbone = self.student.backbone
+        was_training = backbone.training
+        backbone.eval()  # no drop path: the attention of the weights as they are
+        attention = backbone(images, cls_attention=True).cls_attention  # [B, heads, N]
+        backbone.train(was_training)
+        num_patches = self.grid[0] * self.grid[1]
+        final_ratio, strategy = self.masking.keep_ratio, self.masking.strategy
+        assert final_ratio is not None and strategy is not None  # resolved by load_config
+        keep = num_kept(num_patches, state.values.get("keep_ratio", final_ratio))
+        keep_idx = select(
+            attention.mean(dim=1), keep, strategy, grid=self.grid, generator=state.generator
+        )
+        panels = attention_panels(
+            to_unit_range(images), attention, keep_idx, self.grid, backbone.patch_size
+        )  # [B, heads + 3, 3, H, W]
+        zoom = max(1, 96 // images.shape[-1])  # small crops (digits) drawn large enough to see
+        pixels = panels.flatten(0, 1).repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+        return {"dino/attention": make_grid(pixels, nrow=panels.shape[1], pad_value=1.0)}
 
     @torch.no_grad()
     def update_teacher(self, state: StepState) -> None:

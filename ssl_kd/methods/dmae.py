@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from ssl_kd.config import DmaeConfig, MaskingConfig
-from ssl_kd.data import IMAGENET_MEAN, IMAGENET_STD
+from ssl_kd.data import to_unit_range
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import num_kept, select
@@ -241,10 +241,3 @@ def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
     return rearrange(
         patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch
     )
-
-
-def to_unit_range(images: Tensor) -> Tensor:
-    """ImageNet-normalised images back to [0, 1] for display."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -21,6 +20,17 @@ import torch
 from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from ssl_kd.models.weights import backbone_state_dict, load_backbone_weights
+
+__all__ = [
+    "BackboneOutput",
+    "ViTBackbone",
+    "backbone_state_dict",
+    "create_backbone",
+    "gather_patches",
+    "load_backbone_weights",
+]
 
 
 @dataclass
@@ -211,73 +221,3 @@ def create_backbone(
     if checkpoint is not None:
         load_backbone_weights(backbone, checkpoint)
     return backbone
-
-
-# Keys a backbone never has: classifier heads, MAE's decoder and mask token.
-IGNORED_PREFIXES = ("head.", "decoder_", "mask_token", "fc_norm.")
-# Where each method keeps the backbone to export inside an ssl_kd training checkpoint.
-RUN_BACKBONE_PREFIX = {
-    "dino": "teacher.backbone.vit.",
-    "mae": "student.encoder.vit.",
-    "dmae": "student.encoder.vit.",
-}
-
-
-def backbone_state_dict(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
-    """Reads a backbone state dict from any supported file.
-
-    Accepts an ssl_kd training checkpoint (the backbone its method exports), an official MAE
-    release (`{"model": ...}`), `{"state_dict": ...}`, or a bare timm state dict. Prefixes
-    `module.` and `backbone.` are stripped.
-
-    Returns:
-        (state dict with timm names, keys ignored on purpose: heads, decoder, mask token).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    if "method" in state and "config" in state:  # an ssl_kd training checkpoint
-        prefix = RUN_BACKBONE_PREFIX[state["config"]["method"]]
-        state = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    cleaned: dict[str, Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "backbone."):
-            key = key.removeprefix(prefix)
-        cleaned[key] = value
-    ignored = sorted(k for k in cleaned if k.startswith(IGNORED_PREFIXES))
-    return {k: v for k, v in cleaned.items() if k not in ignored}, ignored
-
-
-def load_backbone_weights(backbone: ViTBackbone, path: str | Path) -> list[str]:
-    """Loads weights strictly apart from the keys ignored on purpose (which it returns).
-
-    Raises:
-        ValueError: naming the missing and unexpected keys, or the mismatched shapes.
-    """
-    state, ignored = backbone_state_dict(path)
-    expected = backbone.vit.state_dict()
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} does not fit {type(backbone.vit).__name__} "
-            f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {mismatched}. Check model.name / "
-            "model.kwargs (or dmae.teacher_name) against the checkpoint."
-        )
-    backbone.vit.load_state_dict(state, strict=True)
-    return ignored

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ssl_kd.models.backbone import backbone_state_dict
+from ssl_kd.models.weights import backbone_state_dict
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> list[str]:

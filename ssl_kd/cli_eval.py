@@ -1,0 +1,319 @@
+"""`ssl-kd eval knn | linear | attention`: thin front-ends over `ssl_kd.evaluation`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+KNN_HELP = """\
+Weighted k-NN on frozen features (DINO's protocol): [CLS] after the final norm, L2-normalised;
+each of the k nearest training images (cosine similarity) votes for its class with weight
+exp(sim / T), T = 0.07. Features are extracted once; every k is scored from one search.
+
+CHECKPOINT: an ssl_kd run's checkpoint.pth (DINO: the EMA teacher, --student for the student;
+MAE/DMAE: the encoder), an ssl_kd export (.safetensors/.pth), an official DINO checkpoint
+(teacher/student), an official MAE checkpoint ({"model": ...}) or a timm state dict. The model
+comes from the run's saved config or the official args; give --model otherwise.
+
+DATA: 'digits' (the run's held-out split, same seed) or a folder with train/ and val/
+ImageFolders. Default: what the run was trained on (digits) — required otherwise.
+
+  ssl-kd eval knn runs/demo/checkpoint.pth
+  ssl-kd eval knn dino_deitsmall16_pretrain_full_checkpoint.pth --data /data/imagenet
+"""
+
+LINEAR_HELP = """\
+Linear probe on the frozen backbone; writes OUTPUT/linear_<protocol>/linear_eval.json and
+per-epoch val top-1/top-5 to OUTPUT/linear_<protocol>/tb (TensorBoard).
+
+--protocol dino: concatenated [CLS] of the last n blocks (--n-last-blocks, 4 for ViT-S;
+  --avgpool adds the average patch token, the ViT-B setting) -> Linear; SGD momentum 0.9,
+  lr = 1e-3 x batch / 256, cosine to 0, weight decay 0, 100 epochs.
+--protocol mae: [CLS] -> BatchNorm1d(affine=False, eps=1e-6) -> Linear; LARS, lr = 0.1 x batch /
+  256, 10 warm-up epochs then cosine, weight decay 0 (MAE uses 90 epochs, batch 16384).
+
+Without --augment the features are extracted once and the head trains on the cache (the
+result is that of running the backbone every step; --no-cache does that, to check or time it).
+The reported accuracy is that of the last epoch unless --report best (best val epoch, chosen
+on the evaluation split itself, hence optimistic); the JSON says which epoch and why.
+
+  ssl-kd eval linear runs/demo/checkpoint.pth --epochs 50
+  ssl-kd eval linear runs/demo/checkpoint.pth --protocol mae --epochs 50
+"""
+
+ATTENTION_HELP = """\
+Writes OUT/<image>_attention.png for each IMAGE: the image, the last-block [CLS] attention of
+each head and their mean (overlaid), and the patches a masked teacher would see at --keep-ratio,
+picked by --strategy from the student's head-averaged [CLS] attention (the teacher input of
+student-guided masking; the other patches are dimmed). IMAGE is a file, or sklearn:china.jpg /
+sklearn:flower.jpg for scikit-learn's bundled photos. Without --checkpoint, --model builds a
+randomly initialised backbone.
+
+  ssl-kd eval attention --checkpoint runs/demo/checkpoint.pth sklearn:china.jpg --keep-ratio 0.5
+"""
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping like '{{depth: 4}}'")
+    return value
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--student",
+        action="store_true",
+        help="evaluate the student of a file holding both (default: teacher)",
+    )
+    parser.add_argument("--model", help="timm model name (default: from the checkpoint)")
+    parser.add_argument(
+        "--model-kwargs",
+        type=_yaml_mapping,
+        default=None,
+        metavar="YAML",
+        help="timm overrides, e.g. '{patch_size: 4, embed_dim: 96, depth: 4}'",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    _model_args(parser)
+    parser.add_argument("checkpoint", help="checkpoint or state dict (see above)")
+    parser.add_argument("--data", help="'digits' or a folder with train/ and val/")
+    parser.add_argument("--img-size", type=int, help="default: the run's global crop size")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="default: 0 for digits, else 8"
+    )
+    parser.add_argument("--output-dir", help="default: CHECKPOINT's folder/eval")
+
+
+def add_eval_commands(commands: Any) -> None:
+    """Adds `eval` with its knn / linear / attention sub-commands to the `ssl-kd` parser."""
+    evaluate = commands.add_parser("eval", help="k-NN, linear probe, attention pictures")
+    kinds = evaluate.add_subparsers(dest="eval_command", required=True)
+
+    knn = kinds.add_parser(
+        "knn", help="weighted k-NN (DINO protocol)", description=KNN_HELP, formatter_class=RAW
+    )
+    _data_args(knn)
+    knn.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.set_defaults(run=_knn)
+
+    linear = kinds.add_parser(
+        "linear",
+        help="linear probe (dino or mae protocol)",
+        description=LINEAR_HELP,
+        formatter_class=RAW,
+    )
+    _data_args(linear)
+    linear.add_argument("--protocol", choices=("dino", "mae"), default="dino")
+    linear.add_argument("--epochs", type=int, default=100)
+    linear.add_argument("--lr", type=float, default=None, help="base lr per 256 images")
+    linear.add_argument("--weight-decay", type=float, default=0.0)
+    linear.add_argument("--warmup-epochs", type=int, default=None)
+    linear.add_argument("--n-last-blocks", type=int, default=4)
+    linear.add_argument("--avgpool", action="store_true")
+    linear.add_argument("--augment", action="store_true", help="random resized crops (+ flips)")
+    linear.add_argument("--no-cache", action="store_true", help="run the backbone every step")
+    linear.add_argument("--report", choices=("last", "best"), default="last")
+    linear.add_argument("--seed", type=int, default=0)
+    linear.set_defaults(run=_linear)
+
+    attention = kinds.add_parser(
+        "attention",
+        help="attention and masked-teacher pictures",
+        description=ATTENTION_HELP,
+        formatter_class=RAW,
+    )
+    _model_args(attention)
+    attention.add_argument("images", nargs="+", metavar="IMAGE")
+    attention.add_argument("--checkpoint", help="checkpoint (see `ssl-kd eval knn --help`)")
+    attention.add_argument("--keep-ratio", type=float, default=0.5)
+    attention.add_argument(
+        "--strategy",
+        default="attention_topk",
+        choices=("attention_topk", "attention_bottomk", "random", "block"),
+    )
+    attention.add_argument("--img-size", type=int, default=224)
+    attention.add_argument("--out", help="output folder (default: CHECKPOINT's folder/eval)")
+    attention.set_defaults(run=_attention)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available; use --device auto")
+    return torch.device(
+        "cuda"
+        if name == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if name == "auto"
+        else name
+    )
+
+
+def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
+    from ssl_kd.evaluation.loading import load_backbone
+
+    part = "student" if args.student else None
+    backbone, report = load_backbone(
+        path, part=part, model=args.model, model_kwargs=args.model_kwargs
+    )
+    print(report)
+    return backbone.to(_device(args.device)), report
+
+
+def _splits(args: argparse.Namespace, report: Any, augment: bool = False) -> Any:
+    from ssl_kd.evaluation.data import eval_splits
+
+    run = report.run_config or {}
+    data = args.data or ("digits" if run.get("data", {}).get("name") == "digits" else None)
+    if data is None:
+        raise ValueError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
+    img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
+    seed = run.get("train", {}).get("seed", 0)
+    fraction = run.get("data", {}).get("test_fraction", 0.2)
+    splits = eval_splits(data, img_size, seed=seed, test_fraction=fraction, augment=augment)
+    if args.num_workers is None:
+        args.num_workers = 0 if data == "digits" else min(8, os.cpu_count() or 1)
+    print(
+        f"data: {splits.description}, {len(splits.train_labels)} train / "
+        f"{len(splits.val_labels)} val images at {img_size} px"
+    )
+    return splits
+
+
+def _output_dir(args: argparse.Namespace, checkpoint: str) -> Path:
+    return Path(args.output_dir or Path(checkpoint).parent / "eval")
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from ssl_kd.evaluation.knn import evaluate_knn
+
+    backbone, report = _load(args, args.checkpoint)
+    splits = _splits(args, report)
+    scores = evaluate_knn(
+        backbone,
+        splits,
+        args.ks,
+        args.temperature,
+        args.batch_size,
+        next(backbone.parameters()).device,
+        args.num_workers,
+    )
+    for k, score in scores.items():
+        print(f"k={k:<4} top-1 {score['top1']:6.2f}  top-5 {score['top5']:6.2f}")
+    result = {
+        "protocol": "dino k-NN",
+        "temperature": args.temperature,
+        "checkpoint": args.checkpoint,
+        "load": str(report),
+        "data": splits.description,
+        "scores": {str(k): v for k, v in scores.items()},
+    }
+    _write_json(_output_dir(args, args.checkpoint) / "knn_eval.json", result)
+    return 0
+
+
+def _linear(args: argparse.Namespace) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
+
+    backbone, report = _load(args, args.checkpoint)
+    splits = _splits(args, report, augment=args.augment)
+    cfg = LinearProbeConfig(
+        protocol=args.protocol,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+        augment=args.augment,
+        cache=not args.no_cache,
+        report=args.report,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    out = _output_dir(args, args.checkpoint) / f"linear_{args.protocol}"
+    writer = SummaryWriter(str(out / "tb"))
+
+    def log(epoch: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, epoch)
+        print(
+            f"epoch {epoch}/{cfg.epochs}: val top-1 {values['linear/val_top1']:.2f} "
+            f"top-5 {values['linear/val_top5']:.2f} loss {values['linear/train_loss']:.4f}"
+        )
+
+    try:
+        result, _head = linear_probe(backbone, splits, cfg, next(backbone.parameters()).device, log)
+    finally:
+        writer.close()
+    result.update(checkpoint=args.checkpoint, load=str(report))
+    print(
+        f"linear probe ({result['protocol']} protocol): top-1 {result['top1']:.2f} top-5 "
+        f"{result['top5']:.2f} at epoch {result['reported_epoch']} ({result['epoch_choice']})"
+    )
+    _write_json(out / "linear_eval.json", result)
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from ssl_kd.evaluation.loading import load_backbone
+    from ssl_kd.evaluation.pictures import open_image, write_attention_png
+    from ssl_kd.masking import num_kept
+    from ssl_kd.models.backbone import create_backbone
+
+    num_kept(1, args.keep_ratio)  # validates the ratio before any work
+    selector = None
+    if args.checkpoint:
+        backbone, report = _load(args, args.checkpoint)
+        if report.part == "teacher":  # the student's attention picks the teacher's patches
+            selector, _ = load_backbone(
+                args.checkpoint, part="student", model=args.model, model_kwargs=args.model_kwargs
+            )
+            selector = selector.to(next(backbone.parameters()).device)
+            print("patches ranked by the student's attention (student-guided masking)")
+        out = Path(args.out or Path(args.checkpoint).parent / "eval")
+    elif args.model:
+        import torch
+
+        torch.manual_seed(0)
+        backbone = create_backbone(args.model, args.img_size, **(args.model_kwargs or {})).eval()
+        print(f"no --checkpoint: {args.model} with random initial weights (seed 0)")
+        out = Path(args.out or "attention")
+    else:
+        raise ValueError("give --checkpoint FILE, or --model NAME for a random-init backbone")
+    for spec in args.images:
+        name, image = open_image(spec)
+        path = write_attention_png(
+            backbone,
+            image,
+            out / f"{name}_attention.png",
+            img_size=args.img_size,
+            keep_ratio=args.keep_ratio,
+            strategy=args.strategy,
+            selector=selector,
+        )
+        print(f"wrote {path}")
+    return 0

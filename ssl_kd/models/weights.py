@@ -1,0 +1,200 @@
+"""Backbone weights from any checkpoint layout, with an exact report of what was loaded.
+
+Layouts recognised (the first that matches wins):
+
+- an ssl_kd training checkpoint (`method` + `config`): the DINO teacher (default) or student, or
+  the MAE/DMAE student encoder;
+- an official DINO checkpoint (`teacher` / `student` dicts, `module.` and `backbone.` prefixes,
+  `head.*` dropped; facebookresearch/dino `checkpoint.pth`);
+- an official MAE checkpoint (`{"model": ...}`; `decoder_*` and `mask_token` dropped);
+- `{"state_dict": ...}`, a bare timm state dict, or an ssl_kd export (`.safetensors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ssl_kd.models.backbone import ViTBackbone
+
+# Keys a backbone never has: classifier heads, MAE's decoder and mask token.
+IGNORED_PREFIXES = ("head.", "decoder_", "mask_token", "fc_norm.")
+# Where each method keeps its backbones inside an ssl_kd training checkpoint.
+RUN_BACKBONE_PREFIX = {
+    ("dino", "teacher"): "teacher.backbone.vit.",
+    ("dino", "student"): "student.backbone.vit.",
+    ("mae", "student"): "student.encoder.vit.",
+    ("dmae", "student"): "student.encoder.vit.",
+}
+# The backbone a method evaluates and exports when no part is asked for.
+DEFAULT_PART = {"dino": "teacher", "mae": "student", "dmae": "student"}
+KNOWN_LAYOUTS = (
+    "an ssl_kd checkpoint.pth or export, an official DINO or MAE checkpoint, or a timm state dict"
+)
+
+
+@dataclass
+class BackboneWeights:
+    """A backbone state dict with timm names, and where it came from.
+
+    Attributes:
+        state: timm parameter name → tensor.
+        ignored: keys dropped on purpose (heads, MAE decoder, mask token), sorted.
+        layout: which layout the file had, e.g. "official DINO checkpoint (teacher)".
+        part: "teacher" or "student" where the file holds both, else None.
+        config: the ssl_kd run config saved in the file, if any.
+        args: the official DINO/MAE `args` (an argparse Namespace), if any.
+    """
+
+    state: dict[str, Tensor]
+    ignored: list[str]
+    layout: str
+    part: str | None = None
+    config: dict[str, Any] | None = None
+    args: Any = None
+    path: str = field(default="")
+
+
+def _read(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
+                f"expected {KNOWN_LAYOUTS}"
+            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); it may "
+            f"be truncated or not written by torch.save. Expected {KNOWN_LAYOUTS}"
+        ) from None
+
+
+def _strip(state: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    return cleaned
+
+
+def read_backbone_weights(path: str | Path, part: str | None = None) -> BackboneWeights:
+    """Reads the backbone weights of any supported file (see the module docstring).
+
+    Args:
+        path: the file.
+        part: "teacher" or "student" for files holding both (ssl_kd DINO runs, official DINO);
+            None takes the teacher of DINO files and the encoder of MAE/DMAE runs.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is unreadable, holds no backbone, or lacks the requested part.
+    """
+    path = Path(path)
+    if part not in (None, "teacher", "student"):
+        raise ValueError(f"part={part!r}: choose 'teacher' or 'student'")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = _read(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    config = args = None
+    chosen: str | None = None
+    if "method" in state and "config" in state:  # an ssl_kd training checkpoint
+        config = state["config"]
+        method = config["method"]
+        chosen = part or DEFAULT_PART[method]
+        prefix = RUN_BACKBONE_PREFIX.get((method, chosen))
+        if prefix is None:
+            raise ValueError(
+                f"{path} is an ssl_kd {method} run: its frozen teacher is not saved in the run; "
+                "evaluate its student encoder (the default), or load dmae.teacher_checkpoint itself"
+            )
+        state = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+        layout = f"ssl_kd {method} run checkpoint ({chosen})"
+    elif isinstance(state.get("teacher"), dict) or isinstance(state.get("student"), dict):
+        chosen = part or "teacher"
+        if not isinstance(state.get(chosen), dict):
+            raise ValueError(f"{path} has no {chosen!r} state dict (keys: {sorted(state)})")
+        args = state.get("args")
+        state = state[chosen]
+        layout = f"official DINO checkpoint ({chosen})"
+    elif isinstance(state.get("model"), dict):
+        args = state.get("args")
+        state = state["model"]
+        layout = "MAE-style checkpoint ({'model': ...})"
+    elif isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+        layout = "{'state_dict': ...} checkpoint"
+    else:
+        layout = "safetensors state dict" if path.suffix == ".safetensors" else "bare state dict"
+    if part is not None and chosen is None:
+        raise ValueError(
+            f"{path} is a {layout} holding one backbone, so --{part} does not apply; drop it"
+        )
+    cleaned = _strip(state, ("module.", "backbone."))
+    tensors = {k: v for k, v in cleaned.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(
+            f"{path} ({layout}) holds no backbone tensors (keys: {sorted(cleaned)[:8]}); "
+            f"expected {KNOWN_LAYOUTS}"
+        )
+    ignored = sorted(k for k in tensors if k.startswith(IGNORED_PREFIXES))
+    kept = {k: v for k, v in tensors.items() if k not in ignored}
+    return BackboneWeights(kept, ignored, layout, chosen, config, args, str(path))
+
+
+def backbone_state_dict(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
+    """(state dict with timm names, keys ignored on purpose) of the backbone a file holds."""
+    weights = read_backbone_weights(path)
+    return weights.state, weights.ignored
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = repr(keys[:limit])
+    return shown[:-1] + f", ... and {len(keys) - limit} more]" if len(keys) > limit else shown
+
+
+def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
+    """Raises a ValueError naming the file and the missing/unexpected/mis-shaped keys, if any."""
+    expected = backbone.vit.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in weights.state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = sorted(set(expected) - set(weights.state))
+    unexpected = sorted(set(weights.state) - set(expected))
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{weights.path} ({weights.layout}) does not fit {type(backbone.vit).__name__} "
+            f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): "
+            f"missing keys {_short(missing)}, unexpected keys {_short(unexpected)}, "
+            f"shape mismatches {_short(mismatched)}. Check the model name and kwargs (model.name "
+            "/ model.kwargs, --model / --model-kwargs, dmae.teacher_name) against the checkpoint."
+        )
+
+
+def load_backbone_weights(
+    backbone: ViTBackbone, path: str | Path, part: str | None = None
+) -> list[str]:
+    """Loads weights strictly apart from the keys ignored on purpose (which it returns).
+
+    Raises:
+        ValueError: naming the file and the missing and unexpected keys, or mismatched shapes.
+    """
+    weights = read_backbone_weights(path, part)
+    check_fit(backbone, weights)
+    backbone.vit.load_state_dict(weights.state, strict=True)
+    return weights.ignored
