@@ -66,3 +66,30 @@ class RunLogger:
             self.writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def step_scalars(metrics: dict[str, float], totals: dict[str, float]) -> dict[str, float]:
+    """A step's metrics and the running cost totals → TensorBoard tags."""
+    images = max(metrics.get("images", 1.0), 1.0)
+    scalars = {
+        "train/loss": metrics["loss"],
+        "train/lr": metrics["lr"],
+        "train/weight_decay": metrics["weight_decay"],
+        "train/images_per_s": metrics["images_per_s"],
+        "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
+        "cost/teacher_pflops_total": 2 * totals["teacher_macs"] / 1e15,
+        "cost/teacher_pflops_unmasked_total": 2 * totals["teacher_macs_unmasked"] / 1e15,
+    }
+    skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
+            "teacher_macs_unmasked"}  # fmt: skip
+    scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+    return scalars
+
+
+def progress_fields(metrics: dict[str, float], scalars: dict[str, float]) -> str:
+    return (
+        f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"keep {metrics.get('keep_ratio', 1.0):.2f} "
+        f"teacher {scalars['cost/teacher_gflops_per_image']:.3f} GFLOPs/img "
+        f"{metrics['images_per_s']:.0f} img/s"
+    )

@@ -21,7 +21,7 @@ from ssl_kd.config import Config, to_dict, to_yaml
 from ssl_kd.engine import distributed
 from ssl_kd.engine.build import build_knn_data, build_method
 from ssl_kd.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from ssl_kd.engine.logging import RunLogger
+from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.schedules import cosine_schedule
 from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.evaluation.knn import extract_features, knn_classify
@@ -268,30 +268,12 @@ class Trainer:
         return summary
 
     def _log(self, logger: RunLogger, metrics: dict[str, float], start_step: int) -> None:
-        images = max(metrics.get("images", 1.0), 1.0)
-        pflops = 2 * self.totals["teacher_macs"] / 1e15
-        scalars = {
-            "train/loss": metrics["loss"],
-            "train/lr": metrics["lr"],
-            "train/weight_decay": metrics["weight_decay"],
-            "train/images_per_s": metrics["images_per_s"],
-            "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
-            "cost/teacher_pflops_total": pflops,
-            "cost/teacher_pflops_unmasked_total": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
-        }
-        skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
-                "teacher_macs_unmasked"}  # fmt: skip
-        scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+        scalars = step_scalars(metrics, self.totals)
         logger.scalars(self.step, scalars)
-        fields = (
-            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"keep {metrics.get('keep_ratio', 1.0):.2f} "
-            f"teacher {scalars['cost/teacher_gflops_per_image']:.3f} GFLOPs/img "
-            f"{metrics['images_per_s']:.0f} img/s"
-        )
         logger.progress(
             self.step, self.last_step, self.step - start_step,
-            (self.step - 1) // self.steps_per_epoch, self.cfg.train.epochs, fields,
+            (self.step - 1) // self.steps_per_epoch, self.cfg.train.epochs,
+            progress_fields(metrics, scalars),
         )  # fmt: skip
 
     def _summary(self, wall_s: float) -> dict[str, Any]:
