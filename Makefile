@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-all lint bench-teacher-cost bench-dmae-step
+.PHONY: demo demo-dmae test test-slurm test-all lint bench-teacher-cost bench-dmae-step bench-dino-ddp
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo-dmae: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
+# Jobs on a real one-node Slurm the fixture starts on this machine (tests/slurm_cluster.py);
+# slurm-wlm and munge are installed with apt-get when missing (root), else skipped with the reason.
+test-slurm: $(STAMP)
+	$(VENV)/bin/pytest -m slurm $(PYTEST_ARGS)
+
 test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -38,3 +43,6 @@ bench-teacher-cost: $(STAMP)
 
 bench-dmae-step: $(STAMP)
 	$(VENV)/bin/python eval/bench/dmae_step.py
+
+bench-dino-ddp: $(STAMP)
+	$(VENV)/bin/python eval/bench/dino_ddp.py

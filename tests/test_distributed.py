@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from ssl_kd.engine.checkpoint import load_checkpoint
+from ssl_kd.engine.distributed import DistContext
 from ssl_kd.engine.trainer import train
 from tests.conftest import tiny_overrides
 from tests.test_dmae import official_mae_state, teacher_backbone
@@ -119,3 +120,38 @@ def test_dmae_two_processes_match_one_process(tmp_path):
         },
     )  # fmt: skip
     assert_same_run(single, pair)
+
+
+def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
+    """A real (1-rank gloo) DDP: the teacher stays outside it, checkpoints keep their keys."""
+    import torch.distributed as dist
+
+    from ssl_kd.engine import distributed
+    from ssl_kd.engine.build import build_method
+    from tests.conftest import tiny_config
+
+    method = build_method(tiny_config(tmp_path))
+    keys = list(method.state_dict())
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        method.wrap_trainable(lambda module: distributed.wrap_ddp(module, DistContext()))
+        wrapper = method._student_call
+        assert isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
+        assert wrapper.module is method.student
+        wrapped = {id(p) for p in wrapper.parameters()}
+        assert wrapped == {id(p) for p in method.student.parameters()}
+        assert not wrapped & {id(p) for p in method.teacher.parameters()}
+        assert list(method.state_dict()) == keys  # no `module.` copy, no `_student_call.`
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
+    from ssl_kd.engine.streams import build_train_stream
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"train.batch_size": 1000})
+    build_train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process
+    with pytest.raises(ValueError, match=r"1000 \(per process\).*1437 images / 2 processes"):
+        build_train_stream(cfg, rank=1, world_size=2)
