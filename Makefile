@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache
+.PHONY: demo demo-dmae test test-slurm test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo-dmae: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
+# Jobs on a real one-node Slurm the fixture starts on this machine (tests/slurm_cluster.py);
+# slurm-wlm and munge are installed with apt-get when missing (root), else skipped with the reason.
+test-slurm: $(STAMP)
+	$(VENV)/bin/pytest -m slurm $(PYTEST_ARGS)
+
 test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -41,3 +46,6 @@ bench-dmae-step: $(STAMP)
 
 bench-linear-cache: $(STAMP)
 	$(VENV)/bin/python eval/bench/linear_cache.py --epochs 10
+
+bench-dino-ddp: $(STAMP)
+	$(VENV)/bin/python eval/bench/dino_ddp.py

@@ -1,4 +1,5 @@
-"""`ssl-kd`: train, flops, export, eval; every command ends in the library calls launchers use."""
+"""`ssl-kd`: train, submit, flops, export, eval. Every command ends in the same library calls
+the launchers use."""
 
 from __future__ import annotations
 
@@ -38,6 +39,58 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     print(_summary_text(summary))
+    return 0
+
+
+SUBMIT_HELP = """\
+Submit the same training as `ssl-kd train CONFIG [KEY=VALUE ...]` as a Slurm job through
+submitit: NODES × GPUS_PER_NODE tasks, one per GPU, each one torch.distributed rank (NCCL).
+train.batch_size is per GPU; the lr scales with the global batch (optim.lr × batch × tasks / 256).
+
+  ssl-kd submit configs/dino_vit_s16.yaml data.path=/data/imagenet/train \\
+      output_dir=/checkpoints/dino_s16 --nodes 2 --gpus-per-node 8 --partition gpu \\
+      --timeout-min 2880 --cpus-per-task 10 --mem-gb 400
+
+Prints the job id, its folder (submitit's pickles and the tasks' stdout/stderr) and the run's
+output dir. On preemption or time-out submitit requeues the job and it resumes from
+OUTPUT_DIR/checkpoint.pth (written every train.checkpoint_every_steps and at each epoch end);
+so does a job requeued with `scontrol requeue JOBID`. On a CPU-only cluster use
+--gpus-per-node 0 --tasks-per-node N (gloo). --local runs the same tasks as local processes,
+without Slurm, and waits for them (debugging).
+"""
+
+
+def _extra_option(text: str) -> tuple[str, str | bool]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(
+            f"--slurm-extra {text!r}: use KEY=VALUE, e.g. exclusive=user"
+        )
+    return key, True if value.lower() == "true" else value
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from ssl_kd.launch import SlurmOptions, submit
+
+    cfg = load_config(args.config, args.overrides)
+    options = SlurmOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        partition=args.partition, timeout_min=args.timeout_min, account=args.account,
+        qos=args.qos, constraint=args.constraint, mem_gb=args.mem_gb,
+        cpus_per_task=args.cpus_per_task, extra=dict(args.slurm_extra or []), local=args.local,
+        folder=args.folder,
+    )  # fmt: skip
+    try:
+        job = submit(cfg, options)
+    except RuntimeError as err:  # no Slurm here, or sbatch refused the job
+        print(f"ssl-kd: error: submission failed: {err}", file=sys.stderr)
+        return 1
+    print(f"job id: {job.job_id}")
+    print(f"job folder: {job.paths.folder}")
+    print(f"output dir: {cfg.output_dir}")
+    print(f"task 0 log: {job.paths.stdout}")
+    if args.local:
+        print(_summary_text(job.results()[0]))  # rank 0's summary
     return 0
 
 
@@ -91,6 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(run=_train)
+
+    sub = commands.add_parser(
+        "submit", help="train as a Slurm job (submitit)", description=SUBMIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sub.add_argument("config", help="YAML config file")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    sub.add_argument("--nodes", type=int, default=1)
+    sub.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
+    sub.add_argument(
+        "--tasks-per-node", type=int, default=None, help="with --gpus-per-node 0 (CPU cluster)"
+    )
+    sub.add_argument("--partition", default=None)
+    sub.add_argument("--timeout-min", type=int, default=24 * 60)
+    sub.add_argument("--account", default=None)
+    sub.add_argument("--qos", default=None)
+    sub.add_argument("--constraint", default=None)
+    sub.add_argument("--mem-gb", type=int, default=None)
+    sub.add_argument("--cpus-per-task", type=int, default=None)
+    sub.add_argument(
+        "--slurm-extra", type=_extra_option, action="append", metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable (exclusive=user, mail-type=END, ...)",
+    )  # fmt: skip
+    sub.add_argument("--folder", default=None, help="job folder (default OUTPUT_DIR/submitit)")
+    sub.add_argument("--local", action="store_true", help="run locally, without Slurm")
+    sub.set_defaults(run=_submit)
 
     flops = commands.add_parser(
         "flops", help="teacher cost of one image, full vs masked", description=FLOPS_HELP

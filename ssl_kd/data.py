@@ -113,6 +113,11 @@ class BatchedMultiCrop:
     Per sample and view: random resized crop (area fraction in `scale`, aspect ratio in
     [3/4, 4/3], as torchvision's RandomResizedCrop), horizontal flip, brightness and contrast
     jitter (p = 0.8), then normalisation. One `affine_grid` + `grid_sample` per view group.
+
+    With `shard=(rank, world_size)` the random draws are made for the global batch of
+    `world_size × B` samples and this rank keeps rows rank, rank + world_size, ...: the rows
+    `EpochPermutation` gives it. A sample is then augmented the same way whether the batch is
+    split over ranks or not.
     """
 
     def __init__(
@@ -129,34 +134,45 @@ class BatchedMultiCrop:
         self.jitter_prob = jitter_prob
         self.aspect = aspect
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+    ) -> list[Tensor]:
         """images: [B, 3, H, W] in [0, 1] → [2 global views, num_local_views local views]."""
         spec = self.spec
         views = [
-            self._crop(images, spec.global_crop_size, spec.global_crop_scale, generator)
+            self._crop(images, spec.global_crop_size, spec.global_crop_scale, generator, shard)
             for _ in range(2)
         ]
         views += [
-            self._crop(images, spec.local_crop_size, spec.local_crop_scale, generator)
+            self._crop(images, spec.local_crop_size, spec.local_crop_scale, generator, shard)
             for _ in range(spec.num_local_views)
         ]
         return views
 
     def _crop(
-        self, images: Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
+        self,
+        images: Tensor,
+        size: int,
+        scale: tuple[float, float],
+        generator: torch.Generator,
+        shard: tuple[int, int],
     ) -> Tensor:
         batch = images.shape[0]
+        rank, world_size = shard
+
+        def rand() -> Tensor:  # [B]: this rank's rows of a draw for the global batch
+            return torch.rand(batch * world_size, generator=generator)[rank::world_size]
 
         def uniform(low: float, high: float) -> Tensor:
-            return torch.rand(batch, generator=generator) * (high - low) + low
+            return rand() * (high - low) + low
 
         area = uniform(*scale)
         log_ratio = uniform(math.log(self.aspect[0]), math.log(self.aspect[1]))
         width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # fraction of the side
         height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
-        centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
-        centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
-        flip = torch.where(torch.rand(batch, generator=generator) < self.spec.hflip_prob, -1.0, 1.0)
+        centre_x = (rand() * 2 - 1) * (1 - width)
+        centre_y = (rand() * 2 - 1) * (1 - height)
+        flip = torch.where(rand() < self.spec.hflip_prob, -1.0, 1.0)
         theta = torch.zeros(batch, 2, 3)
         theta[:, 0, 0] = width * flip
         theta[:, 0, 2] = centre_x
@@ -165,7 +181,7 @@ class BatchedMultiCrop:
         grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
         views = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
 
-        jitter = torch.rand(batch, generator=generator) < self.jitter_prob
+        jitter = rand() < self.jitter_prob
         brightness = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
         contrast = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
         views = views * brightness

@@ -44,6 +44,7 @@ def select(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """Chooses `keep` patches per sample.
 
@@ -56,6 +57,10 @@ def select(
         num_patches, batch_size, device: N, B and device when `scores` is None.
         grid: (h, w) patch grid, required by `block`; h * w = N.
         generator: seeded generator for the random strategies.
+        shard: (rank, world_size) for the random strategies: the draw is made for
+            world_size × B rows and this rank keeps rows rank, rank + world_size, ... (the rows
+            its samples have in the global batch), so a sample's mask does not depend on how the
+            batch is split over ranks.
 
     Returns:
         keep_idx: [B, keep] int64 patch indices, unique per row and sorted ascending, so kept
@@ -74,12 +79,14 @@ def select(
         largest = strategy == "attention_topk"
         keep_idx = scores.float().topk(keep, dim=1, largest=largest, sorted=False).indices
     elif strategy == "random":
-        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
-        keep_idx = noise.argsort(dim=1)[:, :keep]
+        rank, world_size = shard
+        # Drawn on the CPU: the step generator is a CPU generator, also when training on CUDA.
+        noise = torch.rand(batch_size * world_size, num_patches, generator=generator)
+        keep_idx = noise[rank::world_size].to(device).argsort(dim=1)[:, :keep]
     elif strategy == "block":
         if grid is None or grid[0] * grid[1] != num_patches:
             raise ValueError(f"strategy 'block' needs grid=(h, w) with h * w = {num_patches}")
-        keep_idx = _block(batch_size, keep, grid, generator, device)
+        keep_idx = _block(batch_size, keep, grid, generator, device, shard)
     else:
         raise ValueError(f"unknown masking strategy {strategy!r}; choose one of {STRATEGIES}")
     return keep_idx.sort(dim=1).values
@@ -91,13 +98,17 @@ def _block(
     grid: tuple[int, int],
     generator: torch.Generator | None,
     device: torch.device | str | None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """One random rectangle per sample: ceil(sqrt(k)) columns wide, filled row by row to k."""
     h, w = grid
     cols = min(math.ceil(math.sqrt(keep)), w)
     rows = math.ceil(keep / cols)
-    top = torch.randint(0, h - rows + 1, (batch_size, 1), generator=generator).to(device)
-    left = torch.randint(0, w - cols + 1, (batch_size, 1), generator=generator).to(device)
+    rank, world_size = shard
+    rows_drawn = (batch_size * world_size, 1)
+    top = torch.randint(0, h - rows + 1, rows_drawn, generator=generator)[rank::world_size]
+    left = torch.randint(0, w - cols + 1, rows_drawn, generator=generator)[rank::world_size]
+    top, left = top.to(device), left.to(device)
     patch_row = torch.arange(h, device=device).repeat_interleave(w)  # [N]
     patch_col = torch.arange(w, device=device).repeat(h)
     inside = (

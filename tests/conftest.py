@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from ssl_kd.config import Config, load_config
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, local_slurm
 
 TINY_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
@@ -16,6 +18,19 @@ TINY_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
+    """A one-node Slurm cluster on this machine (tests/slurm_cluster.py), for `slurm` tests.
+
+    Skipped, with the reason, when slurm-wlm and munge cannot be installed or started.
+    """
+    try:
+        with local_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
+            yield cluster
+    except SlurmUnavailable as err:
+        pytest.skip(f"no local Slurm cluster: {err}")
 
 
 def tiny_backbone(img_size: int = 32, **overrides) -> ViTBackbone:  # type: ignore[no-untyped-def]

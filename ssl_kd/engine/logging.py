@@ -1,4 +1,8 @@
-"""Run logging: TensorBoard scalars, a metrics.jsonl line per log step, a console line with ETA."""
+"""Run logging: TensorBoard scalars, a metrics.jsonl line per log step, a console line with ETA.
+
+Rank 0 writes TensorBoard, metrics.jsonl and the console; every rank keeps its own
+`output_dir/logs/rank{R}.log` (its console lines and progress).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLogger:
-    """Writes on rank 0 only; other ranks get a logger that drops everything."""
+    """TensorBoard, metrics.jsonl and console on rank 0; a log file per rank."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, output_dir: str | Path, rank: int = 0) -> None:
+        self.rank = rank
+        self.enabled = enabled = rank == 0
         self.output_dir = Path(output_dir)
+        (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._rank_log = open(self.output_dir / "logs" / f"rank{rank}.log", "a")  # noqa: SIM115
         self.writer = SummaryWriter(str(self.output_dir / "tb")) if enabled else None
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self._start = time.perf_counter()
@@ -36,9 +43,14 @@ class RunLogger:
             for tag, image in images.items():
                 self.writer.add_image(tag, image, step)
 
-    def console(self, message: str) -> None:
-        if self.enabled:
-            print(message, file=sys.stdout, flush=True)
+    def console(self, message: str, all_ranks: bool = False) -> None:
+        """Prints on rank 0 (on every rank with `all_ranks`); always goes to the rank's log."""
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        self._rank_log.write(f"{stamp} {message}\n")
+        self._rank_log.flush()
+        if self.enabled or all_ranks:
+            prefix = "" if self.enabled else f"[rank {self.rank}] "
+            print(prefix + message, file=sys.stdout, flush=True)
 
     def progress(
         self, step: int, total: int, done_since_start: int, epoch: int, epochs: int, fields: str
@@ -49,7 +61,35 @@ class RunLogger:
         self.console(f"[epoch {epoch + 1}/{epochs} step {step}/{total}] {fields} eta {eta_text}")
 
     def close(self) -> None:
+        self._rank_log.close()
         if self.writer is not None:
             self.writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def step_scalars(metrics: dict[str, float], totals: dict[str, float]) -> dict[str, float]:
+    """A step's metrics and the running cost totals → TensorBoard tags."""
+    images = max(metrics.get("images", 1.0), 1.0)
+    scalars = {
+        "train/loss": metrics["loss"],
+        "train/lr": metrics["lr"],
+        "train/weight_decay": metrics["weight_decay"],
+        "train/images_per_s": metrics["images_per_s"],
+        "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
+        "cost/teacher_pflops_total": 2 * totals["teacher_macs"] / 1e15,
+        "cost/teacher_pflops_unmasked_total": 2 * totals["teacher_macs_unmasked"] / 1e15,
+    }
+    skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
+            "teacher_macs_unmasked"}  # fmt: skip
+    scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+    return scalars
+
+
+def progress_fields(metrics: dict[str, float], scalars: dict[str, float]) -> str:
+    return (
+        f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"keep {metrics.get('keep_ratio', 1.0):.2f} "
+        f"teacher {scalars['cost/teacher_gflops_per_image']:.3f} GFLOPs/img "
+        f"{metrics['images_per_s']:.0f} img/s"
+    )

@@ -51,11 +51,10 @@ class TensorMultiCropStream:
         indices = torch.tensor(order.indices, dtype=torch.long).split(self.batch_size)
         for offset, batch_indices in enumerate(indices):
             batch_index = start_batch + offset
-            # Augmentation randomness depends on (epoch, batch, rank) only.
-            generator = step_generator(
-                self.seed, (epoch * 1_000_003 + batch_index) * 64 + self.rank
-            )
-            views = self.crop(self.images[batch_indices], generator)
+            # Augmentation randomness depends on (epoch, batch) only; each rank keeps its rows
+            # of the global batch's draws, so a sample's crops do not depend on the world size.
+            generator = step_generator(self.seed, (epoch * 1_000_003 + batch_index) * 64)
+            views = self.crop(self.images[batch_indices], generator, (self.rank, self.world_size))
             yield views[: self.num_views] if self.num_views else views
 
 
@@ -94,10 +93,14 @@ class LoaderStream:
             len(self.dataset), self.batch_size, self.seed, epoch, start_batch, self.rank,  # type: ignore[arg-type]
             self.world_size,
         )  # fmt: skip
+        # Seeds the workers' augmentation per (epoch, start batch, rank): ranks must not apply
+        # the same random crops to their different images, and a resumed epoch draws anew.
+        worker_seed = ((self.seed * 100_003 + epoch) * 1_000_003 + start_batch) * 4096 + self.rank
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
+            generator=torch.Generator().manual_seed(worker_seed),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
@@ -155,7 +158,14 @@ def build_train_stream(
         stream = LoaderStream(dataset, batch_size, seed, data.num_workers, rank, world_size)
     if stream.steps_per_epoch == 0:
         raise ValueError(
-            f"train.batch_size={batch_size} is larger than the dataset's share per process; "
-            "lower train.batch_size"
+            f"train.batch_size={batch_size} (per process) is larger than the dataset's share "
+            f"per process ({_dataset_size(stream)} images / {world_size} processes); lower "
+            "train.batch_size or use fewer processes"
         )
     return stream
+
+
+def _dataset_size(stream: TensorMultiCropStream | LoaderStream) -> int:
+    if isinstance(stream, TensorMultiCropStream):
+        return len(stream.images)
+    return len(stream.dataset)  # type: ignore[arg-type]

@@ -2,6 +2,8 @@
 
 `train(cfg)` is where the CLI, torchrun and the submitit callable all end. It resumes from
 `output_dir/checkpoint.pth` when that file exists, so a requeued job never restarts from zero.
+Under torch.distributed (engine/distributed.py) each rank trains on its shard of every global
+batch through DDP; rank 0 alone writes logs, checkpoints and evaluates while the others wait.
 """
 
 from __future__ import annotations
@@ -16,43 +18,48 @@ from typing import Any
 import torch
 
 from ssl_kd.config import Config, to_dict, to_yaml
+from ssl_kd.engine import distributed
 from ssl_kd.engine.build import build_knn_data, build_method
 from ssl_kd.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from ssl_kd.engine.logging import RunLogger
+from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.schedules import cosine_schedule
 from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.evaluation.knn import extract_features, knn_classify
 from ssl_kd.methods.base import Method, StepState
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
-    return torch.device(name)
-
-
-def seed_step(seed: int, step: int) -> torch.Generator:
+def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """Seeds the global RNGs (drop path, dropout) and returns a generator for this step only,
-    so that a resumed step draws exactly what the uninterrupted run drew."""
-    torch.manual_seed(seed * 1_000_003 + step)
+    so that a resumed step draws exactly what the uninterrupted run drew.
+
+    The global RNGs differ per rank (ranks must not drop the same paths for different images);
+    the returned generator is the same on every rank, which draws for the global batch and
+    keeps its own rows (`StepState.shard`).
+    """
+    torch.manual_seed(seed * 1_000_003 + step + rank * 7_919_993)
     return torch.Generator().manual_seed(seed * 2_000_003 + step)
 
 
 class Trainer:
-    """State of one run: method, optimizer, schedules, cost counters."""
+    """State of one run: method, optimizer, schedules, cost counters.
 
-    def __init__(self, cfg: Config) -> None:
+    `ctx` is this process's place in the process group; by default the current group (or a
+    single process). `train(cfg)` creates the group.
+    """
+
+    def __init__(self, cfg: Config, ctx: distributed.DistContext | None = None) -> None:
         self.cfg = cfg
+        self.ctx = ctx or distributed.current(cfg.train.device)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.train.device)
-        self.rank, self.world_size = 0, 1
-        torch.manual_seed(cfg.train.seed)
+        self.device = self.ctx.device
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
         self.stream = build_train_stream(cfg, self.rank, self.world_size)
         self.method: Method = build_method(cfg).to(self.device)
+        if self.ctx.distributed:
+            self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.optimizer = self._optimizer()
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -90,7 +97,9 @@ class Trainer:
         return self.output_dir / CHECKPOINT_NAME
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint; the others wait until it is on disk."""
         if self.rank != 0:
+            distributed.barrier()
             return
         state = {
             "method": self.method.state_dict(),
@@ -102,11 +111,18 @@ class Trainer:
             "results": self.results,
         }
         save_atomic(state, self.checkpoint_path)
+        distributed.barrier()
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
         state = load_checkpoint(self.checkpoint_path)
+        # Checkpoints written before the DDP wrapper left the submodules held the student twice.
+        state["method"] = {
+            key: value
+            for key, value in state["method"].items()
+            if not key.startswith("_student_call.")
+        }
         saved_model = state["config"].get("model", {})
         if saved_model.get("name") != self.cfg.model.name:
             raise ValueError(
@@ -129,6 +145,16 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------
     def knn(self) -> dict[str, float] | None:
+        """k-NN top-1/top-5 on rank 0 (None elsewhere); the other ranks wait at a barrier."""
+        if self.rank != 0:
+            distributed.barrier()
+            return None
+        try:
+            return self._knn()
+        finally:
+            distributed.barrier()
+
+    def _knn(self) -> dict[str, float] | None:
         data = build_knn_data(self.cfg)
         if data is None:
             return None
@@ -147,7 +173,8 @@ class Trainer:
     def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
         epoch = self.step // self.steps_per_epoch
         values = {name: float(array[self.step]) for name, array in self.schedules.items()}
-        state = StepState(self.step, epoch, values, seed_step(self.cfg.train.seed, self.step))
+        generator = seed_step(self.cfg.train.seed, self.step, self.rank)
+        state = StepState(self.step, epoch, values, generator, (self.rank, self.world_size))
         for group in self.optimizer.param_groups:
             group["lr"] = values["lr"]
             group["weight_decay"] = values["weight_decay"] if group.get("apply_wd", True) else 0.0
@@ -159,23 +186,32 @@ class Trainer:
         with autocast:
             out = self.method(views, state)
         loss = out.pop("loss")
-        if not math.isfinite(loss.item()):
+        # The global batch's metrics, before backward: a NaN on any rank stops every rank here
+        # rather than leaving the others waiting in DDP's gradient all-reduce.
+        metrics = {"loss": loss.item(), **{key: float(value) for key, value in out.items()}}
+        metrics = distributed.reduce_metrics(metrics, self.ctx)
+        if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.step} (epoch {epoch}); stopping without "
+                f"loss is {metrics['loss']} at step {self.step} (epoch {epoch}); stopping without "
                 f"saving, so {self.checkpoint_path} still holds the last good state. Lower "
                 "optim.lr, raise optim.warmup_epochs or dino.clip_grad's strictness, and resume."
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        out.update(self.method.before_optimizer_step(state))
+        metrics.update(self.method.before_optimizer_step(state))
         self.optimizer.step()
         self.method.update_teacher(state)
         self.step += 1
-        return {"loss": loss.item(), **values, **{k: float(v) for k, v in out.items()}}
+        return {**values, **metrics}
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        logger = RunLogger(self.output_dir, enabled=self.rank == 0)
+        logger = RunLogger(self.output_dir, rank=self.rank)
+        logger.console(
+            f"rank {self.rank}/{self.world_size} on {self.device}: batch {cfg.train.batch_size} "
+            f"per process, {cfg.train.batch_size * self.world_size} in all",
+            all_ranks=True,
+        )
         resumed = self.resume()
         if resumed:
             logger.console(f"resumed from {self.checkpoint_path} at step {self.step}")
@@ -227,35 +263,17 @@ class Trainer:
         summary = self._summary(time.perf_counter() - start_time)
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.save()
+        self.save()
         logger.close()
         return summary
 
     def _log(self, logger: RunLogger, metrics: dict[str, float], start_step: int) -> None:
-        images = max(metrics.get("images", 1.0), 1.0)
-        pflops = 2 * self.totals["teacher_macs"] / 1e15
-        scalars = {
-            "train/loss": metrics["loss"],
-            "train/lr": metrics["lr"],
-            "train/weight_decay": metrics["weight_decay"],
-            "train/images_per_s": metrics["images_per_s"],
-            "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
-            "cost/teacher_pflops_total": pflops,
-            "cost/teacher_pflops_unmasked_total": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
-        }
-        skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
-                "teacher_macs_unmasked"}  # fmt: skip
-        scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+        scalars = step_scalars(metrics, self.totals)
         logger.scalars(self.step, scalars)
-        fields = (
-            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"keep {metrics.get('keep_ratio', 1.0):.2f} "
-            f"teacher {scalars['cost/teacher_gflops_per_image']:.3f} GFLOPs/img "
-            f"{metrics['images_per_s']:.0f} img/s"
-        )
         logger.progress(
             self.step, self.last_step, self.step - start_step,
-            (self.step - 1) // self.steps_per_epoch, self.cfg.train.epochs, fields,
+            (self.step - 1) // self.steps_per_epoch, self.cfg.train.epochs,
+            progress_fields(metrics, scalars),
         )  # fmt: skip
 
     def _summary(self, wall_s: float) -> dict[str, Any]:
@@ -274,8 +292,19 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Trains (or resumes) the run `cfg` describes; returns the summary."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(to_yaml(cfg))
-    return Trainer(cfg).fit()
+    """Trains (or resumes) the run `cfg` describes; returns the summary.
+
+    Joins the process group the environment describes (torchrun, or a submitit job after
+    `distributed.export_submitit_env`) and leaves it at the end if it created it.
+    """
+    created = not distributed.is_initialized()
+    ctx = distributed.init(cfg.train.device)
+    try:
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        return Trainer(cfg, ctx).fit()
+    finally:
+        if created:
+            distributed.cleanup()

@@ -18,6 +18,9 @@ class StepState:
     epoch: int
     values: dict[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    # (rank, world_size): random masks are drawn for the global batch and sliced per rank
+    # (`masking.select(shard=...)`), so a sample's mask does not depend on the world size.
+    shard: tuple[int, int] = (0, 1)
 
 
 class Method(nn.Module):
@@ -39,15 +42,23 @@ class Method(nn.Module):
     # Subclasses set `self.student` (everything trained), call it through `self._student_call`
     # and may hold a `self.teacher` (EMA or frozen), which stays in eval mode.
     student: nn.Module
-    _student_call: nn.Module
+
+    @property
+    def _student_call(self) -> nn.Module:
+        """The student's forward: the DDP wrapper once `wrap_trainable` ran, else the student."""
+        return self.__dict__.get("_student_wrapper", self.student)
 
     def trainable_module(self) -> nn.Module:
         """What DDP wraps: never an EMA or frozen teacher."""
         return self.student
 
     def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Routes the student's forward through a wrapper (DDP) without changing its weights."""
-        self._student_call = wrap(self.student)
+        """Routes the student's forward through a wrapper (DDP) without changing its weights.
+
+        The wrapper is kept out of the registered submodules, so the state dict holds the
+        student once, without a `module.` copy, and checkpoints load with or without DDP.
+        """
+        self.__dict__["_student_wrapper"] = wrap(self.student)
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)

@@ -97,7 +97,6 @@ class DINO(Method):
         self.teacher = DINONetwork(copy.deepcopy(backbone), teacher_head)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self._student_call: nn.Module = self.student
         self.loss_fn = DINOLoss(
             output_dim=cfg.out_dim,
             warmup_teacher_temp=cfg.warmup_teacher_temp,
@@ -186,6 +185,7 @@ class DINO(Method):
                     grid=self.grid,
                     generator=state.generator,
                     device=global_views.device,
+                    shard=state.shard,
                 )
             teacher_logits, _, _ = self.teacher(global_views, keep_idx=keep_idx)
 

@@ -99,7 +99,6 @@ class DMAE(Method):
             encoder.num_prefix_tokens,
         )
         self.student = MAEStudent(encoder, decoder, projections)
-        self._student_call: nn.Module = self.student
         # A plain attribute, not a submodule: the frozen teacher is never saved in checkpoints,
         # never handed to the optimizer and never wrapped in DDP.
         self.__dict__["teacher"] = teacher
@@ -142,7 +141,7 @@ class DMAE(Method):
         keep = num_kept(num_patches, state.values.get("keep_ratio", self.masking.keep_ratio))
         keep_idx = select(
             None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
-            grid=self.grid, generator=state.generator, device=images.device,
+            grid=self.grid, generator=state.generator, device=images.device, shard=state.shard,
         )  # fmt: skip
         mask_idx = complement(keep_idx, num_patches)
         distilling = self.teacher is not None and self.cfg.distill_weight > 0

@@ -1,0 +1,156 @@
+"""torch.distributed for the trainer: process group, device per rank, rank-aware helpers.
+
+One process per GPU (or per CPU task on a CPU cluster). The environment is torchrun's (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a submitit job exports the same variables
+first (`export_submitit_env`). NCCL on CUDA, gloo on CPU. Without these variables everything
+here degrades to a single process and no collective is ever called.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# How long a rank waits in a collective before the job fails. Rank 0 alone runs k-NN while the
+# others wait at a barrier, which on ImageNet takes minutes, far beyond a step's time.
+TIMEOUT_ENV = "SSL_KD_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 60
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its rank among `world_size` and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`, `cpu` or `cuda` → the device of this process (the GPU of its local rank)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    # submitit's export leaves one visible GPU per task; torchrun leaves all of them.
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def export_submitit_env() -> bool:
+    """Inside a submitit job, exports RANK, WORLD_SIZE, MASTER_ADDR... for `init`.
+
+    Returns:
+        Whether this process runs in a submitit job (False: nothing exported).
+    """
+    import submitit
+
+    try:
+        submitit.JobEnvironment()
+    except RuntimeError:  # not started by submitit
+        return False
+    submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
+    )
+    return True
+
+
+def init(device_name: str) -> DistContext:
+    """Joins the process group the environment describes (if any) and picks this rank's device.
+
+    Safe to call when a group already exists (it is reused) or when WORLD_SIZE is unset or 1
+    (single process, no group).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if is_initialized():
+        world_size = dist.get_world_size()
+    device = resolve_device(device_name, local_rank)
+    if world_size <= 1:
+        return DistContext(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one machine share its cores; torch would give every rank all of them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(
+            minutes=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+        )
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistContext(dist.get_rank(), world_size, local_rank, device)
+
+
+def current(device_name: str) -> DistContext:
+    """The context of an already initialised group (or a single process); never initialises."""
+    if dist.is_available() and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistContext(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank,
+            resolve_device(device_name, local_rank),
+        )
+    return DistContext(device=resolve_device(device_name))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP around the trainable part only (`Method.wrap_trainable`); gradients are averaged
+    over ranks, so equal shards give the gradient of the global batch's mean loss."""
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def barrier() -> None:
+    """Waits for every rank (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leaves the process group, if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Metrics that count things in this rank's share of the batch: summed over ranks. Every other
+# metric is a per-batch mean: averaged over ranks, which for equal shards is the global mean.
+SUMMED_METRICS = ("images", "teacher_macs", "teacher_macs_unmasked")
+
+
+def reduce_metrics(metrics: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Every rank's metrics combined into the global batch's (one all-reduce)."""
+    if not ctx.distributed:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)
+    values = values.to(ctx.device) if ctx.device.type == "cuda" else values
+    dist.all_reduce(values)
+    values = values.cpu()
+    return {
+        name: float(value) if name in SUMMED_METRICS else float(value) / ctx.world_size
+        for name, value in zip(names, values, strict=True)
+    }

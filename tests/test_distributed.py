@@ -1,0 +1,157 @@
+"""torch.distributed training: 2 gloo processes (real torchrun) vs 1 process, same global batch.
+
+What makes the two runs equal, and so what these tests check:
+- each rank's batch is its every-2nd row of the 1-process batch (`EpochPermutation`), and the
+  augmentation and random masks are drawn for the global batch and sliced per rank;
+- DINO's loss and the MAE/DMAE losses are means over the batch and DDP averages gradients, so
+  the averaged gradient is the 1-process gradient;
+- lightly's DINO center all-reduces the batch center (`center_mean`), so the center matches;
+- drop path is off (its draws cannot match across different batch splits) and the DINO head has
+  no BatchNorm.
+DINO runs with student-guided masking (attention_topk, deterministic given the weights) and with
+random masking; DMAE with random masking (its only strategy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_kd.engine.checkpoint import load_checkpoint
+from ssl_kd.engine.distributed import DistContext
+from ssl_kd.engine.trainer import train
+from tests.conftest import tiny_overrides
+from tests.test_dmae import official_mae_state, teacher_backbone
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 4
+PER_RANK_BATCH = 16
+# Float sums run in another order with half batches; 4 AdamW steps keep the drift near 1e-6.
+LOSS_TOLERANCE = 1e-5
+WEIGHT_TOLERANCE = 1e-4
+
+
+def torchrun(overrides: list[str], nproc: int = 2, timeout: float = 180) -> None:
+    """`torchrun --standalone --nproc-per-node N -m ssl_kd.cli train` (the documented command)."""
+    config = Path(overrides[0].split("=", 1)[1]).with_suffix(".yaml")  # beside output_dir
+    config.write_text("method: dino\n")  # everything else is in the overrides
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "ssl_kd.cli", "train", str(config), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {record["step"]: record["train/loss"] for record in records if "train/loss" in record}
+
+
+def assert_same_run(single: Path, pair: Path) -> None:
+    single_losses, pair_losses = losses(single), losses(pair)
+    assert sorted(pair_losses) == list(range(1, STEPS + 1))
+    for step, loss in single_losses.items():
+        assert pair_losses[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    # the losses move, so matching them is not trivial
+    assert len({round(v, 4) for v in single_losses.values()}) == STEPS
+    single_state = load_checkpoint(single / "checkpoint.pth")
+    pair_state = load_checkpoint(pair / "checkpoint.pth")
+    assert pair_state["step"] == single_state["step"] == STEPS
+    assert pair_state["method"].keys() == single_state["method"].keys()
+    for key, value in single_state["method"].items():
+        other = pair_state["method"][key]
+        assert torch.allclose(other.float(), value.float(), atol=WEIGHT_TOLERANCE), key
+    # the teacher cost of both ranks' images is summed, as in the 1-process run
+    single_summary = json.loads((single / "summary.json").read_text())
+    pair_summary = json.loads((pair / "summary.json").read_text())
+    assert pair_summary["teacher_pflops"] == pytest.approx(single_summary["teacher_pflops"])
+
+
+def run_both(tmp_path: Path, **values: object) -> tuple[Path, Path]:
+    common = {
+        "model.drop_path_rate": 0.0, "train.max_steps": STEPS, "train.log_every_steps": 1,
+        "train.checkpoint_every_steps": 2, "optim.warmup_epochs": 0, "optim.lr": 2e-3, **values,
+    }  # fmt: skip
+    single, pair = tmp_path / "single", tmp_path / "pair"
+    train_single = tiny_overrides(single, **common, **{"train.batch_size": 2 * PER_RANK_BATCH})
+    from ssl_kd.config import load_config
+
+    train(load_config(None, train_single))
+    torchrun(tiny_overrides(pair, **common, **{"train.batch_size": PER_RANK_BATCH}))
+    return single, pair
+
+
+@pytest.mark.parametrize(
+    "strategy", ["attention_topk", pytest.param("random", marks=pytest.mark.slow)]
+)
+def test_dino_two_processes_match_one_process(tmp_path, strategy):
+    single, pair = run_both(tmp_path, **{"masking.strategy": strategy})
+    assert_same_run(single, pair)
+    # the center is all-reduced: without it the two ranks' centers (and the run) would differ
+    center = load_checkpoint(pair / "checkpoint.pth")["method"]["loss_fn.center"]
+    assert center.abs().sum() > 0
+    for rank in (0, 1):
+        log = (pair / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}/2" in log and "in all" in log
+    assert not (single / "logs" / "rank1.log").exists()
+
+
+def test_dmae_two_processes_match_one_process(tmp_path):
+    teacher = tmp_path / "mae.pth"
+    torch.save(official_mae_state(teacher_backbone()), teacher)
+    single, pair = run_both(
+        tmp_path,
+        **{
+            "method": "dmae", "masking.keep_ratio": 0.25, "masking.strategy": "random",
+            "dmae.teacher_name": "vit_tiny_patch16_224", "dmae.teacher_checkpoint": str(teacher),
+            "dmae.teacher_kwargs": "{patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}",
+            "dmae.aligned_blocks": "[[1, 2]]", "dmae.decoder_dim": 32, "dmae.decoder_depth": 1,
+            "dmae.decoder_heads": 2,
+        },
+    )  # fmt: skip
+    assert_same_run(single, pair)
+
+
+def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
+    """A real (1-rank gloo) DDP: the teacher stays outside it, checkpoints keep their keys."""
+    import torch.distributed as dist
+
+    from ssl_kd.engine import distributed
+    from ssl_kd.engine.build import build_method
+    from tests.conftest import tiny_config
+
+    method = build_method(tiny_config(tmp_path))
+    keys = list(method.state_dict())
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        method.wrap_trainable(lambda module: distributed.wrap_ddp(module, DistContext()))
+        wrapper = method._student_call
+        assert isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
+        assert wrapper.module is method.student
+        wrapped = {id(p) for p in wrapper.parameters()}
+        assert wrapped == {id(p) for p in method.student.parameters()}
+        assert not wrapped & {id(p) for p in method.teacher.parameters()}
+        assert list(method.state_dict()) == keys  # no `module.` copy, no `_student_call.`
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
+    from ssl_kd.engine.streams import build_train_stream
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"train.batch_size": 1000})
+    build_train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process
+    with pytest.raises(ValueError, match=r"1000 \(per process\).*1437 images / 2 processes"):
+        build_train_stream(cfg, rank=1, world_size=2)
