@@ -42,9 +42,10 @@ GMACs are multiply-adds, what the MaskedKD and DMAE papers call FLOPs.
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails before torch is even imported
+
     from ssl_kd.engine.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, strict=args.strict)
     print(_summary_text(summary))
     return 0

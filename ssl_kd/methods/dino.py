@@ -200,7 +200,7 @@ class DINO(Method):
             # DINOv2: one KoLeo term per global crop, over that crop's batch.
             koleo = sum(self.koleo(view) for view in student_cls.float().chunk(2))
             loss = loss + self.cfg.koleo_weight * koleo
-            metrics["koleo_loss"] = float(koleo)
+            metrics["koleo_loss"] = koleo.item()
         teacher_views = global_views.shape[0]
         return {
             "loss": loss,
