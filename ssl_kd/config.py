@@ -205,7 +205,8 @@ def _merge(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
         return OmegaConf.merge(schema, other)  # type: ignore[return-value]
     except (ValidationError, ConfigKeyError) as err:
         key = getattr(err, "full_key", "") or "?"
-        raise ConfigError(f"{source}: bad value for '{key}': {err.msg}") from None
+        reason = str(err.msg).splitlines()[0]  # OmegaConf appends the node's details
+        raise ConfigError(f"{source}: bad value for '{key}': {reason}") from None
 
 
 _MISSING = object()
@@ -226,6 +227,11 @@ def _dotted_keys(node: DictConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(dotted)
     return keys
+
+
+def _first_line(err: Exception) -> str:
+    """OmegaConf's messages go on with the node's full_key/reference_type on more lines."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -431,12 +437,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             dotlist = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as err:
-            raise ConfigError(f"override {override!r}: {err}") from None
+            raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
         merged = _merge(merged, dotlist, f"override {override!r}")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(_first_line(err)) from None
     resolve_defaults(cfg)
     validate(cfg)
     return cfg
