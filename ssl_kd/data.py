@@ -109,7 +109,7 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+    def __getitem__(self, index: int) -> tuple[object, int, str]:
         bad: list[str] = []
         size = len(self)
         for hop in range(self.MAX_CONSECUTIVE_BAD):
