@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from ssl_kd.cli_eval import add_eval_commands
+from ssl_kd.cli_eval import add_eval_commands, add_strict_argument
 from ssl_kd.config import ConfigError, load_config
 
 TRAIN_HELP = """\
@@ -24,6 +24,15 @@ masking.strategy picks them: attention_topk (the student's [CLS] attention, Mask
 random, attention_bottomk or block. The resolved config is saved as OUTPUT_DIR/config.yaml;
 TensorBoard logs go to OUTPUT_DIR/tb, a line per log step to OUTPUT_DIR/metrics.jsonl and
 the end result to OUTPUT_DIR/summary.json.
+
+Reliability: a killed run started again with the same command resumes from
+OUTPUT_DIR/checkpoint.pth (written atomically every train.checkpoint_every_steps and at each
+epoch end; train.keep_checkpoints numbered copies are kept). A different config in an
+OUTPUT_DIR that holds another run's checkpoint is refused unless --resume (continue the saved
+run with its config) or --overwrite (delete it, start this one). A NaN/Inf loss stops the run
+(train.on_nonfinite=skip skips up to train.max_skipped_steps steps); unreadable images are
+skipped and counted (data.on_error=error stops instead). Exit status: 0 done, 1 the run failed
+(non-finite loss, unreadable image), 2 a bad command, config, data path or checkpoint.
 """
 
 FLOPS_HELP = """\
@@ -34,10 +43,11 @@ GMACs are multiply-adds, what the MaskedKD and DMAE papers call FLOPs.
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails before torch is even imported
+
     from ssl_kd.engine.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, strict=args.strict)
     print(_summary_text(summary))
     return 0
 
@@ -106,6 +116,11 @@ def _summary_text(summary: dict[str, Any]) -> str:
             f"teacher cost: {masked * 1e3:.3f} TFLOPs at keep ratio {summary['keep_ratio']} vs "
             f"{full * 1e3:.3f} TFLOPs unmasked ({100 * (1 - masked / full):.1f}% saved)"
         )
+    if summary.get("skipped_steps") or summary.get("skipped_images"):
+        lines.append(
+            f"skipped: {len(summary.get('skipped_steps', []))} non-finite steps, "
+            f"{len(summary.get('skipped_images', []))} unreadable images (see summary.json)"
+        )
     lines.append(f"summary: {summary['output_dir']}/summary.json")
     lines.append(f"TensorBoard: tensorboard --logdir {summary['output_dir']}/tb")
     return "\n".join(lines)
@@ -135,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-kd", description="Self-supervised ViT pretraining with a cheaper teacher."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (anywhere in argv)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -143,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="OUTPUT_DIR holds a run with another config: continue it, with its saved config",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUTPUT_DIR holds a run with another config: delete it and start this one",
+    )
+    add_strict_argument(train, "an unreadable checkpoint.pth: resume from the newest readable "
+                        "checkpoint-<step>.pth; keys that do not fit: load the rest")  # fmt: skip
     train.set_defaults(run=_train)
 
     sub = commands.add_parser(
@@ -197,12 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, not only before the command
+    args = build_parser().parse_args([arg for arg in argv if arg != "--debug"])
     try:
         return int(args.run(args))
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"ssl-kd: error: {err}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        print(f"ssl-kd: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        return 1 if isinstance(err, FloatingPointError) else getattr(err, "exit_code", 2)
 
 
 if __name__ == "__main__":

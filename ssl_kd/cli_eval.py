@@ -67,7 +67,26 @@ def _yaml_mapping(text: str) -> dict[str, Any]:
     return value
 
 
+def _boolean(text: str) -> bool:
+    value = text.lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use true or false")
+    return value == "true"
+
+
+def add_strict_argument(parser: argparse.ArgumentParser, relaxed: str) -> None:
+    parser.add_argument(
+        "--strict",
+        type=_boolean,
+        default=True,
+        metavar="{true,false}",
+        help=f"true (default): a checkpoint that does not fit stops with the keys named; false: "
+        f"{relaxed}, and print a report",
+    )
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
+    add_strict_argument(parser, "load the tensors that fit (missing keys keep their init)")
     parser.add_argument(
         "--student",
         action="store_true",
@@ -168,7 +187,7 @@ def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
 
     part = "student" if args.student else None
     backbone, report = load_backbone(
-        path, part=part, model=args.model, model_kwargs=args.model_kwargs
+        path, part=part, model=args.model, model_kwargs=args.model_kwargs, strict=args.strict
     )
     print(report)
     return backbone.to(_device(args.device)), report
@@ -290,8 +309,9 @@ def _attention(args: argparse.Namespace) -> int:
         backbone, report = _load(args, args.checkpoint)
         if report.part == "teacher":  # the student's attention picks the teacher's patches
             selector, _ = load_backbone(
-                args.checkpoint, part="student", model=args.model, model_kwargs=args.model_kwargs
-            )
+                args.checkpoint, part="student", model=args.model,
+                model_kwargs=args.model_kwargs, strict=args.strict,
+            )  # fmt: skip
             selector = selector.to(next(backbone.parameters()).device)
             print("patches ranked by the student's attention (student-guided masking)")
         out = Path(args.out or Path(args.checkpoint).parent / "eval")

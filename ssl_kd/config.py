@@ -8,6 +8,9 @@ names the key and what would be valid.
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ STRATEGIES = ("attention_topk", "random", "attention_bottomk", "block")
 DATASETS = ("digits", "imagefolder")
 TRANSFORMS = ("lightly", "batched")
 OPTIMIZERS = ("adamw", "sgd")
+DIGITS_IMAGES = 1797  # scikit-learn's load_digits
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,9 @@ class DataConfig:
     hflip_prob: float = 0.5
     num_workers: int = 8
     test_fraction: float = 0.2  # digits only: held-out split for k-NN
+    # An unreadable image: skip (log it once, count it, train on the next readable image in
+    # its place) or error (stop; the last checkpoint is kept).
+    on_error: str = "skip"
 
 
 @dataclass
@@ -127,6 +134,15 @@ class TrainConfig:
     checkpoint_every_steps: int = 500
     log_every_steps: int = 10
     max_steps: int | None = None  # stop early (for smoke runs); schedules still span all epochs
+    # Numbered copies checkpoint-<step>.pth kept beside checkpoint.pth (the oldest pruned);
+    # 0 keeps none. A run always resumes from checkpoint.pth.
+    keep_checkpoints: int = 2
+    # A NaN/Inf loss: stop (nothing saved; the last checkpoint is kept) or skip the step (no
+    # update, DINO center and BatchNorm statistics restored), at most max_skipped_steps times.
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    # Test hook: the input of these steps is set to NaN, so that the loss is NaN for real.
+    debug_nan_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -189,7 +205,8 @@ def _merge(schema: DictConfig, other: DictConfig, source: str) -> DictConfig:
         return OmegaConf.merge(schema, other)  # type: ignore[return-value]
     except (ValidationError, ConfigKeyError) as err:
         key = getattr(err, "full_key", "") or "?"
-        raise ConfigError(f"{source}: bad value for '{key}': {err.msg}") from None
+        reason = str(err.msg).splitlines()[0]  # OmegaConf appends the node's details
+        raise ConfigError(f"{source}: bad value for '{key}': {reason}") from None
 
 
 _MISSING = object()
@@ -212,6 +229,11 @@ def _dotted_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def _first_line(err: Exception) -> str:
+    """OmegaConf's messages go on with the node's full_key/reference_type on more lines."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -226,6 +248,8 @@ def validate(cfg: Config) -> None:
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("dmae.projection", cfg.dmae.projection, PROJECTIONS)
+    _choice("data.on_error", cfg.data.on_error, ("skip", "error"))
+    _choice("train.on_nonfinite", cfg.train.on_nonfinite, ("stop", "skip"))
     ratios = {
         "masking.keep_ratio": cfg.masking.keep_ratio,
         "masking.keep_ratio_start": cfg.masking.keep_ratio_start,
@@ -296,6 +320,94 @@ def validate(cfg: Config) -> None:
             )
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be > 0 (or null)")
+    for key, count in (
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints),
+        ("train.max_skipped_steps", cfg.train.max_skipped_steps),
+    ):
+        if count < 0:
+            raise ConfigError(f"{key}={count} must be >= 0")
+    _validate_crops(cfg)
+    _validate_batch(cfg)
+    _validate_files(cfg)
+
+
+def patch_size_of(cfg: Config) -> int | None:
+    """The student's patch size: model.kwargs.patch_size, else the `patchN` in model.name."""
+    if "patch_size" in cfg.model.kwargs:
+        return int(cfg.model.kwargs["patch_size"])
+    match = re.search(r"patch(\d+)", cfg.model.name)
+    return int(match.group(1)) if match else None
+
+
+def _validate_crops(cfg: Config) -> None:
+    data = cfg.data
+    patch = patch_size_of(cfg)
+    crops = {"data.global_crop_size": data.global_crop_size}
+    multi_crop = cfg.method == "dino" and data.num_local_views > 0
+    if multi_crop:
+        crops["data.local_crop_size"] = data.local_crop_size
+    for key, size in crops.items():
+        if patch and size % patch:
+            raise ConfigError(
+                f"{key}={size} is not divisible by the patch size {patch} of {cfg.model.name}: "
+                f"use a multiple of {patch} (e.g. {max(patch, size // patch * patch)})"
+            )
+    if multi_crop and data.local_crop_size > data.global_crop_size:
+        raise ConfigError(
+            f"data.local_crop_size={data.local_crop_size} is larger than data.global_crop_size="
+            f"{data.global_crop_size}: local crops are the small views (DINO: 96 vs 224)"
+        )
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun and submitit set it; 1 when unset."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world_size = int(text)
+    except ValueError:
+        world_size = 0
+    if world_size < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={text!r} must be a positive integer")
+    return world_size
+
+
+def digits_train_size(test_fraction: float) -> int:
+    """Training images of the bundled digits split (1797 images, test part rounded up)."""
+    return DIGITS_IMAGES - math.ceil(DIGITS_IMAGES * test_fraction)
+
+
+def _validate_batch(cfg: Config) -> None:
+    world_size = world_size_from_env()
+    batch = cfg.train.batch_size
+    if cfg.data.name == "digits":
+        share = digits_train_size(cfg.data.test_fraction) // world_size
+        if share < batch:
+            raise ConfigError(
+                f"train.batch_size={batch} (per process) is larger than the data's share per "
+                f"process ({share} digits images with WORLD_SIZE={world_size}): lower "
+                "train.batch_size or use fewer processes"
+            )
+    needs_batch_statistics = cfg.method == "dino" and (
+        cfg.dino.batch_norm or cfg.dino.koleo_weight > 0
+    )
+    if needs_batch_statistics and batch < 2:
+        raise ConfigError(
+            f"train.batch_size={batch} per process is too small for dino.batch_norm / "
+            "dino.koleo_weight, which need at least 2 images per process"
+        )
+
+
+def _validate_files(cfg: Config) -> None:
+    """Local files a run reads, checked before any model is built."""
+    files = {
+        "model.checkpoint": cfg.model.checkpoint,
+        "dmae.teacher_checkpoint": cfg.dmae.teacher_checkpoint if cfg.method == "dmae" else None,
+    }
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}={path} does not exist (nothing is ever downloaded)")
+    if cfg.data.name == "imagefolder" and cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise ConfigError(f"data.path={cfg.data.path} is not a folder")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -325,12 +437,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             dotlist = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as err:
-            raise ConfigError(f"override {override!r}: {err}") from None
+            raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
         merged = _merge(merged, dotlist, f"override {override!r}")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(_first_line(err)) from None
     resolve_defaults(cfg)
     validate(cfg)
     return cfg

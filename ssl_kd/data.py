@@ -11,10 +11,12 @@ each `[B, C, H, W]`:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -29,16 +31,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_SIZE = 32
 
 
+class DataError(ValueError):
+    """An unreadable training image; the message names the file."""
+
+    exit_code = 1  # the run failed (not its command line): `ssl-kd` exits 1, not 2
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def load_image(path: str) -> Image.Image:
-    """Opens an image as RGB; a corrupt file raises an error that names it."""
+    """Opens an image as RGB; a corrupt file raises a DataError that names it."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(
             f"cannot read image {path}: {err}. Remove or replace the file and restart; "
-            "the last checkpoint is kept."
+            "the last checkpoint is kept.",
+            path,
         ) from None
 
 
@@ -68,8 +81,55 @@ def image_dataset(root: str | Path, transform=None) -> Dataset:  # type: ignore[
         raise FileNotFoundError(f"data.path {root} is not a folder")
     has_classes = any(p.is_dir() for p in root.iterdir())
     if has_classes:
-        return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
+        try:
+            return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
+        except FileNotFoundError as err:  # class folders without a single image
+            raise ValueError(f"no images found under {root}: {err}") from None
     return FlatImageFolder(root, transform)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset of (image, label): each sample's augmentation is seeded by (seed, epoch,
+    index), and an unreadable image is replaced by the next readable one.
+
+    Seeding per sample makes a batch depend only on its indices, not on the DataLoader worker
+    that built it or on what ran before, so a run resumed mid-epoch draws the same crops.
+
+    `__getitem__` returns (sample, label, bad) where `bad` names the unreadable files that were
+    replaced ("\\n"-joined, "" if none): the main process logs and counts them (workers cannot).
+    """
+
+    MAX_CONSECUTIVE_BAD = 16
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[object, int, str]:
+        bad: list[str] = []
+        size = len(self)
+        for hop in range(self.MAX_CONSECUTIVE_BAD):
+            candidate = (index + hop) % size
+            seed = (self.seed * 100_003 + self.epoch) * 10_000_019 + candidate
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                sample, label = self.dataset[candidate]
+            except DataError as err:
+                bad.append(f"{err.path}\t{err}")
+                continue
+            return sample, label, "\n".join(bad)
+        first = bad[0].partition("\t")[0]
+        raise DataError(
+            f"{self.MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} "
+            f"({first}, ...): is data.path the right folder?",
+            first,
+        )
 
 
 def digits(seed: int, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,43 +1,80 @@
-"""Checkpoints written atomically: a crash mid-write never replaces a good checkpoint."""
+"""Checkpoints written atomically: a crash mid-write never replaces a good checkpoint.
+
+`output_dir/checkpoint.pth` is the one a run resumes from (never a numbered copy: the MAE
+requeue bug). `train.keep_checkpoints=K` also keeps `checkpoint-<step>.pth` for the last K
+saves, hard links of `checkpoint.pth` where the file system allows it (no extra disk until the
+next save replaces `checkpoint.pth`), the oldest pruned.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 CHECKPOINT_NAME = "checkpoint.pth"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
+NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
+# Test hook: SIGKILL this process inside its N-th save_atomic call (1-based), after the
+# temporary file is fully written and before it replaces the checkpoint.
+KILL_IN_SAVE_ENV = "SSL_KD_TEST_KILL_IN_SAVE"
+_saves_in_this_process = 0
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then os.replace (atomic on POSIX)."""
+    global _saves_in_this_process
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _saves_in_this_process += 1
     try:
         with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(_saves_in_this_process):
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Loads a training checkpoint, with errors that say what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise ValueError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). Move it away to "
-            "start from scratch, or restore it from a backup."
+            "start from scratch, restore it from a backup, or pass --strict false to resume "
+            "from the newest readable checkpoint-<step>.pth."
         ) from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
@@ -46,3 +83,154 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "Use a fresh output_dir, or move the file away."
         )
     return state
+
+
+class CheckpointStore:
+    """`checkpoint.pth` plus the last `keep` numbered copies in one output dir."""
+
+    def __init__(self, output_dir: str | Path, keep: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    def numbered(self) -> list[Path]:
+        """The numbered copies, oldest first."""
+        found = [
+            (int(match.group(1)), path)
+            for path in self.output_dir.glob("checkpoint-*.pth")
+            if (match := NUMBERED.fullmatch(path.name))
+        ]
+        return [path for _, path in sorted(found)]
+
+    def exists(self) -> bool:
+        return self.path.exists() or bool(self.numbered())
+
+    def save(self, state: dict[str, Any], step: int) -> None:
+        save_atomic(state, self.path)
+        if self.keep <= 0:
+            return
+        copy = self.output_dir / f"checkpoint-{step:06d}.pth"
+        tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.path, tmp)
+        except OSError:  # no hard links here (some network file systems): a real copy
+            shutil.copyfile(self.path, tmp)
+        os.replace(tmp, copy)
+        for old in self.numbered()[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Temporary files of saves that a kill interrupted (never a complete checkpoint)."""
+        stale = sorted(self.output_dir.glob(".checkpoint*.pth.tmp-*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def load_latest(self, strict: bool = True, mmap: bool = False) -> tuple[dict, Path] | None:
+        """(state, path) of the checkpoint to resume from, or None for a fresh run.
+
+        Strict: `checkpoint.pth`, and an error naming it if it is unreadable. Not strict: the
+        first readable of `checkpoint.pth` and the numbered copies, newest first, reporting the
+        ones it passed over.
+        """
+        if not self.exists():
+            return None
+        if strict:
+            if not self.path.exists():
+                newest = self.numbered()[-1]
+                raise ValueError(
+                    f"{self.output_dir} holds {newest.name} but no {CHECKPOINT_NAME}: pass "
+                    "--strict false to resume from the newest numbered checkpoint, or "
+                    "--overwrite to start afresh"
+                )
+            return load_checkpoint(self.path, mmap), self.path
+        candidates = [self.path] if self.path.exists() else []
+        candidates += self.numbered()[::-1]
+        problems = []
+        for path in candidates:
+            try:
+                state = load_checkpoint(path, mmap)
+            except ValueError as err:
+                problems.append(str(err).split(". ")[0])
+                continue
+            for problem in problems:
+                print(f"warning (--strict false): skipped {problem}", file=sys.stderr)
+            return state, path
+        raise ValueError(
+            f"no readable checkpoint in {self.output_dir}: {'; '.join(problems)}. Use "
+            "--overwrite to start afresh"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from (the trainer also reseeds per step)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def short_keys(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_model_name(state: dict[str, Any], model_name: str, path: Path) -> None:
+    saved = state["config"].get("model", {}).get("name")
+    if saved != model_name:
+        raise ValueError(
+            f"{path} was written for model {saved!r}, not {model_name!r}: use another "
+            "output_dir, or the original model.name"
+        )
+
+
+def load_method_state(
+    method: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool = True
+) -> list[str]:
+    """Loads a method's state dict; returns the report of what did not fit ([] if all did).
+
+    Raises:
+        ValueError: strict and the keys differ; names the file and the keys.
+    """
+    expected = method.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        key for key in set(state) & set(expected) if state[key].shape != expected[key].shape
+    )
+    if not (missing or unexpected or mismatched):
+        method.load_state_dict(state)
+        return []
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
+    problems = (
+        f"missing keys: {short_keys(missing)}; unexpected keys: {short_keys(unexpected)}; "
+        f"shape mismatches (file vs model): {short_keys(shapes)}"
+    )
+    if strict:
+        raise ValueError(
+            f"{path} does not fit this configuration ({problems}). Use the config the run was "
+            f"started with ({path.parent / 'config.yaml'}), another output_dir, or --strict "
+            "false to load the tensors that fit"
+        )
+    fitting = {k: v for k, v in state.items() if k in expected and k not in mismatched}
+    method.load_state_dict(fitting, strict=False)
+    return [
+        f"{path}: loaded {len(fitting)} of {len(expected)} tensors ({problems}); the rest keep "
+        "their initial values and the optimizer starts afresh"
+    ]

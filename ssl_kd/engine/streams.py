@@ -7,6 +7,7 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -18,8 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_kd.config import Config
 from ssl_kd.data import (
     BatchedMultiCrop,
+    DataError,
     EpochPermutation,
     MultiCropSpec,
+    SeededSamples,
     batches_per_epoch,
     digits,
     image_dataset,
@@ -42,6 +45,7 @@ class TensorMultiCropStream:
         self.rank = rank
         self.world_size = world_size
         self.steps_per_epoch = batches_per_epoch(len(images), batch_size, world_size)
+        self.bad_files: set[str] = set()  # in-memory images are never unreadable
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[Tensor]]:
         order = EpochPermutation(
@@ -74,13 +78,21 @@ class _TensorImages(Dataset):
 
 
 class LoaderStream:
-    """A map-style dataset whose items are lists of views, through a DataLoader."""
+    """A map-style dataset whose items are lists of views, through a DataLoader.
+
+    Unreadable images are replaced by the next readable one (`SeededSamples`); with
+    `on_error="skip"` each is logged once and kept in `bad_files`, with "error" the first one
+    stops the run with a `DataError` naming it.
+    """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, on_error: str = "skip",
     ) -> None:  # fmt: skip
         self.dataset = dataset
+        self.samples = SeededSamples(dataset, seed)
+        self.on_error = on_error
+        self.bad_files: set[str] = set()
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -93,21 +105,37 @@ class LoaderStream:
             len(self.dataset), self.batch_size, self.seed, epoch, start_batch, self.rank,  # type: ignore[arg-type]
             self.world_size,
         )  # fmt: skip
-        # Seeds the workers' augmentation per (epoch, start batch, rank): ranks must not apply
-        # the same random crops to their different images, and a resumed epoch draws anew.
-        worker_seed = ((self.seed * 100_003 + epoch) * 1_000_003 + start_batch) * 4096 + self.rank
+        self.samples.epoch = epoch  # workers get a copy of the dataset when the loader starts
         loader = DataLoader(
-            self.dataset,
+            self.samples,
             batch_size=self.batch_size,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(worker_seed),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
             persistent_workers=False,
         )
-        for views, _labels in loader:
+        for views, _labels, bad in loader:
+            self._note_bad(bad)
             yield views
+
+    def _note_bad(self, entries: list[str]) -> None:
+        for entry in entries:
+            for line in filter(None, entry.split("\n")):
+                path, _, message = line.partition("\t")
+                if self.on_error == "error":
+                    raise DataError(
+                        f"{message} (data.on_error=error; data.on_error=skip trains on without it)",
+                        path,
+                    )
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    print(
+                        f"skipping unreadable image ({len(self.bad_files)} so far, "
+                        f"data.on_error=skip): {message}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
 
 def build_train_stream(
@@ -155,7 +183,9 @@ def build_train_stream(
         else:
             assert data.path is not None
             dataset = image_dataset(data.path, transform)
-        stream = LoaderStream(dataset, batch_size, seed, data.num_workers, rank, world_size)
+        stream = LoaderStream(
+            dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error
+        )
     if stream.steps_per_epoch == 0:
         raise ValueError(
             f"train.batch_size={batch_size} (per process) is larger than the dataset's share "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,17 @@ import torch
 from ssl_kd.config import Config, to_dict, to_yaml
 from ssl_kd.engine import distributed
 from ssl_kd.engine.build import build_knn_data, build_method
-from ssl_kd.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from ssl_kd.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointStore,
+    check_model_name,
+    load_method_state,
+    rng_state,
+    set_rng_state,
+)
+from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
+from ssl_kd.engine.rundir import prepare_output_dir
 from ssl_kd.engine.schedules import cosine_schedule
 from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.evaluation.knn import extract_features, knn_classify
@@ -47,9 +56,12 @@ class Trainer:
     single process). `train(cfg)` creates the group.
     """
 
-    def __init__(self, cfg: Config, ctx: distributed.DistContext | None = None) -> None:
+    def __init__(
+        self, cfg: Config, ctx: distributed.DistContext | None = None, *, strict: bool = True
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx or distributed.current(cfg.train.device)
+        self.strict = strict  # False: resume from what loads, with a report (--strict false)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.ctx.device
@@ -69,6 +81,9 @@ class Trainer:
         self.totals: dict[str, float] = {"teacher_macs": 0.0, "teacher_macs_unmasked": 0.0}
         self.results: dict[str, Any] = {}
         self.amp = cfg.train.amp and self.device.type == "cuda"  # bf16 on CPU is far slower
+        self.checkpoints = CheckpointStore(self.output_dir, cfg.train.keep_checkpoints)
+        self.guard = NonFiniteGuard(cfg.train, self.checkpoint_path)
+        self.resumed_from = self.checkpoint_path  # or the numbered copy --strict false took
 
     def _optimizer(self) -> torch.optim.Optimizer:
         groups = self.method.param_groups()
@@ -109,38 +124,50 @@ class Trainer:
             "config": to_dict(self.cfg),
             "totals": self.totals,
             "results": self.results,
-        }
-        save_atomic(state, self.checkpoint_path)
+            # Data position: the batch order is a function of (seed, epoch), resumed at this batch.
+            "data": {"batch": self.step % self.steps_per_epoch,
+                     "steps_per_epoch": self.steps_per_epoch,
+                     "bad_files": sorted(self.stream.bad_files)},
+            "faults": self.guard.state_dict(),
+            "rng": rng_state(),
+        }  # fmt: skip
+        self.checkpoints.save(state, self.step)
         distributed.barrier()
 
     def resume(self) -> bool:
-        if not self.checkpoint_path.exists():
+        found = self.checkpoints.load_latest(self.strict)
+        if found is None:
             return False
-        state = load_checkpoint(self.checkpoint_path)
+        state, path = found
         # Checkpoints written before the DDP wrapper left the submodules held the student twice.
         state["method"] = {
             key: value
             for key, value in state["method"].items()
             if not key.startswith("_student_call.")
         }
-        saved_model = state["config"].get("model", {})
-        if saved_model.get("name") != self.cfg.model.name:
-            raise ValueError(
-                f"{self.checkpoint_path} was written for model {saved_model.get('name')!r}, not "
-                f"{self.cfg.model.name!r}: use another output_dir, or the original model.name"
+        check_model_name(state, self.cfg.model.name, path)
+        data = state.get("data", {})
+        saved_batches = data.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_batches != self.steps_per_epoch:
+            problem = (
+                f"{path}: the data now gives {self.steps_per_epoch} batches per epoch, the run "
+                f"was saved with {saved_batches}, so the resumed data order differs"
             )
-        try:
-            self.method.load_state_dict(state["method"])
-        except RuntimeError as err:
-            raise ValueError(
-                f"{self.checkpoint_path} does not fit this configuration ({err}). "
-                "Use another output_dir, or the config the run was started with "
-                f"({self.output_dir / 'config.yaml'})."
-            ) from None
-        self.optimizer.load_state_dict(state["optimizer"])
+            if self.strict:
+                raise ValueError(f"{problem}; restore the data, or pass --strict false")
+            print(f"warning (--strict false): {problem}", file=sys.stderr)
+        notes = load_method_state(self.method, state["method"], path, self.strict)
+        for note in notes:
+            print(f"warning (--strict false): {note}", file=sys.stderr)
+        if not notes:  # the optimizer state fits only weights that all loaded
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.totals.update(state.get("totals", {}))
         self.results.update(state.get("results", {}))
+        self.stream.bad_files.update(data.get("bad_files", []))
+        self.guard.load_state_dict(state.get("faults", {}))
+        set_rng_state(state.get("rng"))
+        self.resumed_from = path
         return True
 
     # --- evaluation -----------------------------------------------------------------------
@@ -180,22 +207,22 @@ class Trainer:
             group["weight_decay"] = values["weight_decay"] if group.get("apply_wd", True) else 0.0
 
         views = [view.to(self.device, non_blocking=True) for view in views]
+        views = self.guard.poison(views, self.step)  # test hook: train.debug_nan_at_steps
+        buffers = self.guard.snapshot(self.method)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         )
         with autocast:
             out = self.method(views, state)
         loss = out.pop("loss")
-        # The global batch's metrics, before backward: a NaN on any rank stops every rank here
-        # rather than leaving the others waiting in DDP's gradient all-reduce.
+        # The global batch's metrics, before backward: a NaN on any rank is seen by every rank
+        # here (all stop or all skip) rather than leaving the others waiting in DDP's all-reduce.
         metrics = {"loss": loss.item(), **{key: float(value) for key, value in out.items()}}
         metrics = distributed.reduce_metrics(metrics, self.ctx)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"loss is {metrics['loss']} at step {self.step} (epoch {epoch}); stopping without "
-                f"saving, so {self.checkpoint_path} still holds the last good state. Lower "
-                "optim.lr, raise optim.warmup_epochs or dino.clip_grad's strictness, and resume."
-            )
+        if self.guard.should_skip(metrics["loss"], out, self.step, epoch, self.method, buffers):
+            self.step += 1
+            return {"loss": metrics["loss"], **values,
+                    "skipped_steps": len(self.guard.skipped_steps)}  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics.update(self.method.before_optimizer_step(state))
@@ -214,7 +241,7 @@ class Trainer:
         )
         resumed = self.resume()
         if resumed:
-            logger.console(f"resumed from {self.checkpoint_path} at step {self.step}")
+            logger.console(f"resumed from {self.resumed_from} at step {self.step}")
         elif cfg.eval.knn_random_init and "knn_top1_random_init" not in self.results:
             baseline = self.knn()
             if baseline is not None:
@@ -228,6 +255,7 @@ class Trainer:
             epoch, batch_index = divmod(self.step, self.steps_per_epoch)
             for views in self.stream.epoch(epoch, batch_index):
                 metrics = self.train_step(views)
+                metrics["skipped_images"] = len(self.stream.bad_files)
                 every = self.method.picture_every_steps
                 if every and self.step % every == 0 and self.rank == 0:
                     with torch.no_grad():
@@ -287,24 +315,32 @@ class Trainer:
             "teacher_pflops": 2 * self.totals["teacher_macs"] / 1e15,
             "teacher_pflops_unmasked": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
             "wall_s": wall_s,
+            "skipped_steps": self.guard.skipped_steps,
+            "skipped_images": sorted(self.stream.bad_files),
             **self.results,
         }
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(
+    cfg: Config, *, resume: bool = False, overwrite: bool = False, strict: bool = True
+) -> dict[str, Any]:
     """Trains (or resumes) the run `cfg` describes; returns the summary.
 
     Joins the process group the environment describes (torchrun, or a submitit job after
     `distributed.export_submitit_env`) and leaves it at the end if it created it.
+    `resume` / `overwrite`: what to do when output_dir holds a run with another config
+    (engine/rundir.py); `strict=False` resumes from whatever checkpoint loads, with a report.
     """
     created = not distributed.is_initialized()
     ctx = distributed.init(cfg.train.device)
     try:
-        output_dir = Path(cfg.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if ctx.is_main:
+        if ctx.is_main:  # rank 0 checks (and may clear) the output dir; the others wait
+            cfg = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, strict=strict)
+            output_dir = Path(cfg.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "config.yaml").write_text(to_yaml(cfg))
-        return Trainer(cfg, ctx).fit()
+        distributed.barrier()
+        return Trainer(cfg, ctx, strict=strict).fit()
     finally:
         if created:
             distributed.cleanup()

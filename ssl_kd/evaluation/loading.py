@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
-from ssl_kd.models.weights import BackboneWeights, check_fit, read_backbone_weights
+from ssl_kd.models.weights import BackboneWeights, check_fit, fit_problems, read_backbone_weights
 
 
 @dataclass
@@ -31,14 +31,25 @@ class LoadReport:
     loaded: int
     ignored: list[str]
     run_config: dict[str, Any] | None = None  # the ssl_kd run config saved in the file
+    # Only with strict=False: keys that did not load (missing keep their initial values).
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         ignored = ", ".join(self.ignored[:6]) + (
             f" and {len(self.ignored) - 6} more" if len(self.ignored) > 6 else ""
         )
+        not_loaded = ""
+        if self.missing or self.unexpected:
+            not_loaded = (
+                f" (--strict false: missing {', '.join(self.missing[:6])}"
+                f"{' ...' if len(self.missing) > 6 else ''}; not loaded "
+                f"{', '.join(self.unexpected[:6])}{' ...' if len(self.unexpected) > 6 else ''})"
+            )
         return (
             f"loaded {self.loaded} tensors into {self.model} {self.model_kwargs or ''} from "
-            f"{self.path} ({self.layout}); missing 0, unexpected 0, ignored {len(self.ignored)}"
+            f"{self.path} ({self.layout}); missing {len(self.missing)}, unexpected "
+            f"{len(self.unexpected)}{not_loaded}, ignored {len(self.ignored)}"
             + (f" ({ignored})" if self.ignored else "")
         )
 
@@ -76,6 +87,7 @@ def load_backbone(
     part: str | None = None,
     model: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    strict: bool = True,
 ) -> tuple[ViTBackbone, LoadReport]:
     """Builds the backbone a checkpoint holds and loads it strictly (heads etc. ignored).
 
@@ -83,6 +95,7 @@ def load_backbone(
         path: any file `read_backbone_weights` accepts.
         part: "teacher" / "student" for files holding both; None: what the run evaluates.
         model, model_kwargs: timm name and overrides; default: from the file's saved config.
+        strict: False loads the tensors that fit and reports the others instead of raising.
 
     Raises:
         ValueError: the architecture is unknown, or the weights do not fit it (keys named).
@@ -107,8 +120,12 @@ def load_backbone(
         backbone = create_backbone(model, img_size, **kwargs)
     except TypeError as err:
         raise ValueError(f"--model-kwargs {kwargs} do not fit {model}: {err}") from None
-    check_fit(backbone, weights)
-    backbone.vit.load_state_dict(weights.state, strict=True)
+    missing, unexpected, mismatched = fit_problems(backbone, weights)
+    if strict:
+        check_fit(backbone, weights)
+    mismatched_keys = {entry.split(":")[0] for entry in mismatched}
+    fitting = {k: v for k, v in weights.state.items() if k not in set(unexpected) | mismatched_keys}
+    backbone.vit.load_state_dict(fitting, strict=strict)
     report = LoadReport(
         str(path),
         weights.layout,
@@ -116,8 +133,10 @@ def load_backbone(
         model,
         kwargs,
         img_size,
-        len(weights.state),
+        len(fitting),
         weights.ignored,
         weights.config,
+        missing + sorted(mismatched_keys),
+        unexpected + mismatched,
     )
     return backbone.eval(), report

@@ -195,11 +195,12 @@ class DINO(Method):
             teacher_temp=state.values.get("teacher_temp", self.cfg.teacher_temp),
         )
         metrics = self._teacher_stats(teacher_logits.detach().float(), state)
+        metrics["dino_loss"] = loss.item()  # each term is named when the total is not finite
         if self.cfg.koleo_weight > 0:
             # DINOv2: one KoLeo term per global crop, over that crop's batch.
             koleo = sum(self.koleo(view) for view in student_cls.float().chunk(2))
             loss = loss + self.cfg.koleo_weight * koleo
-            metrics["koleo_loss"] = float(koleo)
+            metrics["koleo_loss"] = koleo.item()
         teacher_views = global_views.shape[0]
         return {
             "loss": loss,

@@ -166,8 +166,10 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return shown[:-1] + f", ... and {len(keys) - limit} more]" if len(keys) > limit else shown
 
 
-def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
-    """Raises a ValueError naming the file and the missing/unexpected/mis-shaped keys, if any."""
+def fit_problems(
+    backbone: ViTBackbone, weights: BackboneWeights
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, "key: file shape vs model shape" mismatches)."""
     expected = backbone.vit.state_dict()
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -176,13 +178,20 @@ def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
     ]
     missing = sorted(set(expected) - set(weights.state))
     unexpected = sorted(set(weights.state) - set(expected))
+    return missing, unexpected, mismatched
+
+
+def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
+    """Raises a ValueError naming the file and the missing/unexpected/mis-shaped keys, if any."""
+    missing, unexpected, mismatched = fit_problems(backbone, weights)
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{weights.path} ({weights.layout}) does not fit {type(backbone.vit).__name__} "
             f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): "
             f"missing keys {_short(missing)}, unexpected keys {_short(unexpected)}, "
             f"shape mismatches {_short(mismatched)}. Check the model name and kwargs (model.name "
-            "/ model.kwargs, --model / --model-kwargs, dmae.teacher_name) against the checkpoint."
+            "/ model.kwargs, --model / --model-kwargs, dmae.teacher_name) against the checkpoint, "
+            "or pass --strict false to load the tensors that fit."
         )
 
 

@@ -1,0 +1,264 @@
+"""Faults a long run meets, with real processes and real files: SIGKILL mid-epoch and
+mid-save, a NaN loss, corrupt images in an ImageFolder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from ssl_kd.cli import main
+from ssl_kd.data import DataError
+from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
+from ssl_kd.engine.streams import build_train_stream
+from ssl_kd.engine.trainer import train
+from tests.conftest import tiny_config, tiny_overrides
+from tests.test_data import write_digit_folder
+
+
+def run_cli(args, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ssl_kd.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def empty_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("{}\n")
+    return str(path)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_optimizer(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    for index, state in a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["state"][index][name]), (index, name)
+
+
+# --- kill and resume ------------------------------------------------------------------------
+def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path):
+    extra = {"train.max_steps": 6, "train.checkpoint_every_steps": 2}
+    reference = train(tiny_config(tmp_path / "reference", **extra))
+    assert reference["steps"] == 6
+
+    run = tmp_path / "killed"
+    args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
+    # The 2nd save (step 4) dies after its temporary file is complete, before the rename.
+    killed = run_cli(args, {KILL_IN_SAVE_ENV: "2"})
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "checkpoint.pth")["step"] == 2  # the previous one, intact
+    stale = list(run.glob(".checkpoint.pth.tmp-*"))
+    assert len(stale) == 1 and load_checkpoint(stale[0])["step"] == 4  # never renamed
+
+    resumed = run_cli(args)  # the same command
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out and "at step 2" in out
+    assert not list(run.glob(".checkpoint.pth.tmp-*"))
+    final = load_checkpoint(run / "checkpoint.pth")
+    expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
+    assert final["step"] == 6
+    assert_same_state(final["method"], expected["method"])  # bitwise, teacher and center too
+    assert_same_optimizer(final["optimizer"], expected["optimizer"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, method):
+    extra = {
+        "method": method,
+        "train.max_steps": 12,
+        "train.checkpoint_every_steps": 3,
+        "train.log_every_steps": 1,
+    }
+    if method == "mae":
+        extra.update({"masking.keep_ratio": 0.25, "dmae.decoder_dim": 32, "dmae.decoder_depth": 1,
+                      "dmae.decoder_heads": 2, "dmae.norm_pix_loss": False})  # fmt: skip
+    train(tiny_config(tmp_path / "reference", **extra))
+
+    run = tmp_path / "killed"
+    args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
+    process = run_cli(args)
+    logged = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill between checkpoints: after step 5 is logged
+        if logged.exists() and any(
+            line.startswith('{"step": 5,') for line in logged.read_text().splitlines()
+        ):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = load_checkpoint(run / "checkpoint.pth")["step"]
+    assert 3 <= saved < 12 and saved % 3 == 0  # mid-epoch (44 steps per epoch)
+
+    resumed = run_cli(args)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"at step {saved}" in out
+    final = load_checkpoint(run / "checkpoint.pth")
+    expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
+    assert_same_state(final["method"], expected["method"])
+    assert_same_optimizer(final["optimizer"], expected["optimizer"])
+    assert final["rng"]["torch"].equal(expected["rng"]["torch"])
+    steps = [json.loads(line)["step"] for line in logged.read_text().splitlines()]
+    assert steps == list(range(1, 13))  # the killed run's unsaved steps are logged once
+
+
+def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
+    train(tiny_config(tmp_path, **{"train.max_steps": 2, "dino.batch_norm": True}))
+    state = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert {"method", "optimizer", "step", "config", "rng", "data", "faults"} <= state.keys()
+    assert {"python", "numpy", "torch"} <= state["rng"].keys()
+    assert state["data"] == {"batch": 2, "steps_per_epoch": 44, "bad_files": []}
+    keys = state["method"].keys()
+    assert "loss_fn.center" in keys  # the DINO center
+    assert any(k.startswith("teacher.head.") for k in keys)
+    assert any(k.startswith("student.head.") and "running_mean" in k for k in keys)
+
+
+# --- non-finite loss ------------------------------------------------------------------------
+def test_nan_stops_naming_step_and_terms_and_keeps_the_checkpoint(tmp_path):
+    extra = {"train.max_steps": 4, "train.checkpoint_every_steps": 2, "dino.koleo_weight": 0.1}
+    cfg = tiny_config(tmp_path, **extra, **{"train.debug_nan_at_steps": "[3]"})
+    with pytest.raises(FloatingPointError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "loss is nan at step 3 (epoch 0; terms: dino_loss=nan, koleo_loss=nan)" in message
+    assert "last good state" in message
+    state = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_cli_nan_stop_is_one_line_with_exit_1(tmp_path, capsys):
+    overrides = tiny_overrides(tmp_path / "run", **{"train.debug_nan_at_steps": "[0]"})
+    assert main(["train", empty_yaml(tmp_path), *overrides]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssl-kd: error: loss is nan at step 0") and err.count("\n") == 1
+
+
+def test_skipped_nan_step_changes_nothing(tmp_path):
+    # Skipping step 2 of 3 must leave exactly the state after 2 steps: weights, teacher, DINO
+    # center, BatchNorm statistics, optimizer moments.
+    common = {"dino.batch_norm": True, "train.on_nonfinite": "skip"}
+    before = train(tiny_config(tmp_path / "two", **common, **{"train.max_steps": 2}))
+    skipped = train(tiny_config(tmp_path / "skip", **common, **{"train.max_steps": 3,
+                                "train.debug_nan_at_steps": "[2]"}))  # fmt: skip
+    assert before["skipped_steps"] == [] and skipped["skipped_steps"] == [2]
+    a = load_checkpoint(tmp_path / "two" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "skip" / "checkpoint.pth")
+    assert b["step"] == 3 and b["faults"] == {"skipped_steps": [2]}
+    assert_same_state(a["method"], b["method"])
+    assert_same_optimizer(
+        a["optimizer"] | {"param_groups": []}, b["optimizer"] | {"param_groups": []}
+    )
+
+
+def test_skips_beyond_the_bound_stop_the_run(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.on_nonfinite": "skip", "train.max_skipped_steps": 1,
+                                   "train.debug_nan_at_steps": "[1, 2]"})  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"at step 2 .*train.max_skipped_steps=1"):
+        train(cfg)
+
+
+# --- bad data -------------------------------------------------------------------------------
+def corrupt_image_folder(root):
+    """12 good PNGs in 3 classes plus 3 bad files: truncated JPEG and PNG, text named .jpg."""
+    write_digit_folder(root)
+    jpeg = root / "class_0" / "truncated.jpg"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    png = root / "class_1" / "truncated.png"
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(png)
+    png.write_bytes(png.read_bytes()[:60])
+    text = root / "class_2" / "notes.jpg"
+    text.write_text("this is not an image\n")
+    return sorted(str(p) for p in (jpeg, png, text))
+
+
+def folder_overrides(data, **extra):
+    return {"data.name": "imagefolder", "data.path": str(data), "data.transform": "lightly",
+            "data.num_workers": 0, "train.batch_size": 5, **extra}  # fmt: skip
+
+
+def test_corrupt_images_are_skipped_logged_once_and_counted(tmp_path, capfd):
+    bad = corrupt_image_folder(tmp_path / "data")
+    # 15 files, batch 5: every file is read in each of the 2 epochs.
+    cfg = tiny_config(tmp_path / "run", **folder_overrides(tmp_path / "data", **{
+        "train.max_steps": 6, "train.log_every_steps": 3}))  # fmt: skip
+    summary = train(cfg)
+    assert summary["steps"] == 6 and summary["skipped_images"] == bad
+    err = capfd.readouterr().err
+    for path in bad:
+        assert err.count(f"cannot read image {path}") == 1, err
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert lines[-1]["method/skipped_images"] == 3
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["data"]["bad_files"] == bad
+
+
+def test_corrupt_image_with_on_error_error_stops_naming_it(tmp_path, capsys):
+    bad = corrupt_image_folder(tmp_path / "data")
+    overrides = tiny_overrides(
+        tmp_path / "run", **folder_overrides(tmp_path / "data", **{"data.on_error": "error"})
+    )
+    assert main(["train", empty_yaml(tmp_path), *overrides]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert any(f"cannot read image {path}" in err for path in bad)
+    assert "data.on_error=skip" in err
+    with pytest.raises(DataError):  # and from the library: a DataError naming the file
+        train(tiny_config(tmp_path / "run2", **folder_overrides(
+            tmp_path / "data", **{"data.on_error": "error"})))  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "empty_classes"])
+def test_missing_or_empty_data_folder_fails_before_training(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    if layout != "missing":
+        data.mkdir()
+    if layout == "empty_classes":
+        (data / "class_0").mkdir()
+        (data / "class_0" / "readme.txt").write_text("no images here")
+    overrides = tiny_overrides(tmp_path / "run", **folder_overrides(data))
+    assert main(["train", empty_yaml(tmp_path), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_image_batches_depend_only_on_epoch_and_batch_index(tmp_path):
+    # What makes a resume of an ImageFolder run exact: the crops of batch k are the same
+    # whether the epoch starts at 0 or at k, and whichever worker builds them.
+    write_digit_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "run", **folder_overrides(tmp_path / "data",
+                                                           **{"train.batch_size": 4}))  # fmt: skip
+    stream = build_train_stream(cfg)
+    full = list(stream.epoch(1))
+    resumed = list(stream.epoch(1, start_batch=2))
+    assert len(full) == 3 and len(resumed) == 1
+    assert all(torch.equal(a, b) for a, b in zip(full[2], resumed[0], strict=True))
+    stream.num_workers = 2
+    with_workers = list(stream.epoch(1))
+    for a, b in zip(full, with_workers, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    other_epoch = next(stream.epoch(0))
+    assert not torch.equal(other_epoch[0], full[0][0])
