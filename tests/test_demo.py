@@ -15,8 +15,6 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def test_demo_beats_the_untrained_backbone(tmp_path: Path) -> None:
     cfg = load_config(str(DEMO), [f"output_dir={tmp_path}", "eval.knn_every_epochs=0"])
     summary = train(cfg)
-    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(
-        json.dumps(summary)
-    )
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 3.0
     assert summary["teacher_pflops"] < 0.55 * summary["teacher_pflops_unmasked"]
