@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-slurm test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp
+.PHONY: demo demo-dmae test test-slurm test-slow test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 # slurm-wlm and munge are installed with apt-get when missing (root), else skipped with the reason.
 test-slurm: $(STAMP)
 	$(VENV)/bin/pytest -m slurm $(PYTEST_ARGS)
+
+# Slow tests (the demo must learn, kill -9 and resume, 2-process random masking): ~15 min.
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -m "slow and not slurm and not gpu" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
