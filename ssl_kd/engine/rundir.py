@@ -16,8 +16,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ssl_kd.config import Config, ConfigError, to_dict, validate
+from ssl_kd.config import Config, ConfigError, to_dict
 from ssl_kd.engine.checkpoint import CheckpointStore
+from ssl_kd.validation import validate
 
 # Keys a resumed run may change: how long, how often, where, what to evaluate; not what.
 RESUMABLE_CHANGES = (
