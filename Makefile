@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-slurm test-slow test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp
+.PHONY: demo demo-dmae test test-slurm test-slow test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp bench-dino-step study study-quick
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,15 @@ bench-linear-cache: $(STAMP)
 
 bench-dino-ddp: $(STAMP)
 	$(VENV)/bin/python eval/bench/dino_ddp.py
+
+# One DINO step, ViT-S/16, 2×224 + 8×96 crops, batch 16, CPU: ssl_kd at keep 1.0/0.66/0.5 vs the
+# step lightly's DINO example assembles, interleaved medians + peak memory (~10 min).
+bench-dino-step: $(STAMP)
+	$(VENV)/bin/python eval/bench/dino_step.py
+
+# The learning-quality study on the digits (3 seeds; ~27 min on 2 cores): eval/bench/RESULTS.md.
+study: $(STAMP)
+	$(VENV)/bin/python eval/bench/learning.py
+
+study-quick: $(STAMP)
+	$(VENV)/bin/python eval/bench/learning.py --quick

@@ -1,0 +1,349 @@
+"""One DINO training step: ssl_kd (keep 1.0, 0.66, 0.5) against lightly's example, in one run.
+
+    .venv/bin/python eval/bench/dino_step.py [--batch 16] [--rounds 5] [--json OUT]
+
+ViT-S/16 student and EMA teacher, 2 global views at 224 px and 8 local views at 96 px, DINO head
+2048-256-65536, batch 16, CPU, fp32. The same input tensors go to every variant:
+
+- reference: the step as lightly's DINO example (examples/pytorch/dino.py) assembles it from
+  lightly's public parts, with a timm ViT as its comment suggests: `DINOProjectionHead`s,
+  `deactivate_requires_grad` on the teacher, one forward per view, `DINOLoss(..., epoch=)`,
+  `cancel_last_layer_gradients`, `update_momentum` of backbone and head. Same optimizer as ours
+  (AdamW; the example's Adam costs the same), same drop path (0.1);
+- ssl_kd at keep 1.0, 0.66, 0.5: `Trainer.train_step` of configs/dino_vit_s16.yaml (what a
+  user runs: schedules, per-parameter clipping, the NaN guard, the EMA), the teacher fed the
+  top-k patches of the student's last-block [CLS] attention when keep < 1.
+
+Variants run round-robin (one step each per round) after a warm-up step, so drift hits all
+alike; medians are reported. Peak memory: each variant again in a fresh process (peak RSS after
+building it and after 2 steps). Targets (issue 7): (a) ssl_kd at keep 1.0 reaches ≥ 0.95× the
+reference's steps/s; (b) at keep r it saves at least 90% of what the teacher's share predicts,
+i.e. saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r).
+
+`--gpu` instead measures img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one
+CUDA GPU (batch 64, bf16 autocast); MFU = model FLOPs per step (flop counter: student forward
+and backward over every view, masked teacher forward) / step time / the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[2]
+KEEP_RATIOS = (1.0, 0.66, 0.5)
+VARIANTS = ("reference", *(f"ssl_kd keep {r}" for r in KEEP_RATIOS))
+OUT_DIM = 65536
+
+
+# --- the reference: lightly's DINO example with a timm ViT-S/16 ------------------------------
+class LightlyDINO(nn.Module):
+    def __init__(self, backbone: nn.Module, input_dim: int, head_dims: tuple[int, int, int]):
+        super().__init__()
+        self.student_backbone = backbone
+        self.student_head = self._head(input_dim, head_dims, freeze_last_layer=1)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = self._head(input_dim, head_dims, freeze_last_layer=-1)
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+
+    @staticmethod
+    def _head(
+        input_dim: int, dims: tuple[int, int, int], freeze_last_layer: int
+    ) -> DINOProjectionHead:
+        with warnings.catch_warnings():  # lightly still uses the old weight_norm API
+            warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+            return DINOProjectionHead(
+                input_dim, *dims, norm_last_layer=False, freeze_last_layer=freeze_last_layer
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student_head(self.student_backbone(x).flatten(start_dim=1))
+
+    def forward_teacher(self, x: Tensor) -> Tensor:
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
+
+
+class ReferenceStep:
+    """lightly's example loop body; `model_kwargs` go to `timm.create_model`."""
+
+    def __init__(
+        self,
+        model: str = "vit_small_patch16_224",
+        head_dims: tuple[int, int, int] = (2048, 256, OUT_DIM),
+        drop_path_rate: float = 0.1,
+        **model_kwargs: Any,
+    ) -> None:
+        torch.manual_seed(0)
+        backbone = timm.create_model(
+            model, num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True,
+            **model_kwargs,
+        )  # fmt: skip
+        self.model = LightlyDINO(backbone, backbone.embed_dim, head_dims)
+        self.criterion = DINOLoss(output_dim=head_dims[-1], warmup_teacher_temp_epochs=0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4)
+        self.teacher_s = 0.0
+        self.last_loss = float("nan")
+
+    def __call__(self, views: list[Tensor]) -> None:
+        model, epoch = self.model, 1
+        start = time.perf_counter()
+        teacher_out = [model.forward_teacher(view) for view in views[:2]]
+        self.teacher_s = time.perf_counter() - start
+        student_out = [model.forward(view) for view in views]
+        loss = self.criterion(teacher_out, student_out, epoch=epoch)
+        self.last_loss = loss.item()
+        loss.backward()
+        model.student_head.cancel_last_layer_gradients(current_epoch=epoch)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        update_momentum(model.student_backbone, model.teacher_backbone, m=0.996)
+        update_momentum(model.student_head, model.teacher_head, m=0.996)
+
+
+# --- ssl_kd: the trainer's own step ---------------------------------------------------------
+class SslKdStep:
+    def __init__(
+        self, keep_ratio: float, batch: int, output_dir: str, overrides: Sequence[str] = ()
+    ) -> None:
+        from ssl_kd.config import load_config
+        from ssl_kd.engine.trainer import Trainer
+
+        overrides = [
+            f"output_dir={output_dir}", "data.name=digits", "data.transform=batched",
+            "data.num_workers=0", f"train.batch_size={batch}", f"masking.keep_ratio={keep_ratio}",
+            "masking.strategy=attention_topk", "train.device=cpu", "eval.knn_at_end=false",
+            *overrides,
+        ]  # fmt: skip
+        cfg = load_config(REPO / "configs" / "dino_vit_s16.yaml", overrides)
+        self.trainer = Trainer(cfg)
+        self.trainer.method.train()
+        self.trainer.step = self.trainer.steps_per_epoch  # past the frozen-last-layer epoch
+        teacher = self.trainer.method.teacher
+        self._teacher_forward = teacher.forward
+        teacher.forward = self._timed_teacher  # type: ignore[method-assign]
+        self.teacher_s = 0.0
+        self.teacher_macs = 0.0
+        self.teacher_macs_unmasked = 0.0
+        self.last_loss = float("nan")
+
+    def _timed_teacher(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = self._teacher_forward(*args, **kwargs)
+        self.teacher_s = time.perf_counter() - start
+        return out
+
+    def __call__(self, views: list[Tensor]) -> None:
+        metrics = self.trainer.train_step(views)
+        self.last_loss = metrics["dino_loss"]
+        self.teacher_macs = metrics["teacher_macs"]
+        self.teacher_macs_unmasked = metrics["teacher_macs_unmasked"]
+
+
+def make_views(batch: int) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    globals_ = [torch.randn(batch, 3, 224, 224, generator=generator) for _ in range(2)]
+    return globals_ + [torch.randn(batch, 3, 96, 96, generator=generator) for _ in range(8)]
+
+
+def build(name: str, batch: int, output_dir: str):  # type: ignore[no-untyped-def]
+    if name == "reference":
+        return ReferenceStep()
+    keep_ratio = float(name.rsplit(" ", 1)[1])
+    return SslKdStep(keep_ratio, batch, f"{output_dir}/{keep_ratio}")
+
+
+# Dense bf16 peak of the device (vendor data sheets), for model-FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def step_tflops(step: SslKdStep, batch: int) -> float:
+    """Model FLOPs of one step: student forward + backward (3× forward) over every view,
+    teacher forward over the global views at its keep ratio; attention and head included."""
+    from ssl_kd.flops import forward_macs
+    from ssl_kd.masking import num_kept
+
+    method, data = step.trainer.method, step.trainer.cfg.data
+    student = 2 * forward_macs(method.student, data.global_crop_size) + (
+        data.num_local_views * forward_macs(method.student, data.local_crop_size)
+    )
+    keep = num_kept(method.grid[0] * method.grid[1], step.trainer.cfg.masking.keep_ratio)
+    teacher = 2 * method.teacher_macs_per_view(keep)
+    return 2 * batch * (3 * student + teacher) / 1e12
+
+
+def gpu_section(batch: int, rounds: int, peak_tflops: float | None) -> dict[str, dict]:
+    """img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one CUDA GPU, bf16
+    autocast (`train.amp`), interleaved, CUDA-synchronised medians; peak allocated memory."""
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    views = [view.to(device) for view in make_views(batch)]
+    overrides = ["train.device=cuda", "train.amp=true"]
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {r: SslKdStep(r, batch, f"{tmp}/{r}", overrides) for r in (1.0, 0.5)}
+        for step in steps.values():  # warm-up (kernels, allocator)
+            for _ in range(3):
+                step(views)
+        times: dict[float, list[float]] = {r: [] for r in steps}
+        memory: dict[float, int] = {r: 0 for r in steps}
+        for _ in range(rounds):
+            for r, step in steps.items():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                step(views)
+                torch.cuda.synchronize()
+                times[r].append(time.perf_counter() - start)
+                memory[r] = max(memory[r], torch.cuda.max_memory_allocated())
+        for r, step in steps.items():
+            step_s = statistics.median(times[r])
+            tflops = step_tflops(step, batch)
+            rows[f"ssl_kd keep {r}"] = {
+                "step_s": step_s,
+                "images_per_s": batch / step_s,
+                "model_tflops_per_step": tflops,
+                "achieved_tflops": tflops / step_s,
+                "mfu": tflops / step_s / peak if peak else None,
+                "peak_memory_gib": memory[r] / 2**30,
+            }
+    print(f"# DINO step on {name}, ViT-S/16, batch {batch}, 2×224 + 8×96 crops, head "
+          f"{OUT_DIM}, bf16 autocast, median of {rounds} interleaved rounds; MFU against "
+          f"{peak or 'an unknown'} dense bf16 TFLOPs")  # fmt: skip
+    print("| variant | step s | img/s | model TFLOPs/step | achieved TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for key, row in rows.items():
+        mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
+        print(f"| {key} | {row['step_s']:.3f} | {row['images_per_s']:.0f} | "
+              f"{row['model_tflops_per_step']:.2f} | {row['achieved_tflops']:.0f} | {mfu} | "
+              f"{row['peak_memory_gib']:.1f} |")  # fmt: skip
+    return {"device": name, "peak_bf16_tflops": peak, **rows}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_of(name: str, batch: int) -> dict[str, float]:
+    """Peak RSS of a fresh process that builds one variant, then after 2 steps of it."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-of", name, "--batch", str(batch)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_worker(name: str, batch: int) -> None:
+    views = make_views(batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = build(name, batch, tmp)
+        built = peak_rss_mib()
+        for _ in range(2):
+            step(views)
+    print(json.dumps({"built_mib": built, "peak_mib": peak_rss_mib()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gpu", action="store_true", help="the GPU section (batch 64 default)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device's bf16 peak")
+    args = parser.parse_args()
+    if args.memory_of:
+        memory_worker(args.memory_of, args.batch)
+        return
+    if args.gpu:
+        batch = 64 if "--batch" not in sys.argv else args.batch
+        result = gpu_section(batch, args.rounds, args.peak_tflops)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
+
+    views = make_views(args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {name: build(name, args.batch, tmp) for name in VARIANTS}
+        for step in steps.values():  # warm-up
+            step(views)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step(views)
+                times[name].append((time.perf_counter() - start, step.teacher_s))
+
+    rows: dict[str, dict[str, float]] = {}
+    for name, values in times.items():
+        rows[name] = {
+            "step_s": statistics.median(v[0] for v in values),
+            "teacher_s": statistics.median(v[1] for v in values),
+        }
+        if name != "reference":
+            step = steps[name]
+            rows[name]["teacher_gmac_ratio"] = step.teacher_macs / step.teacher_macs_unmasked
+    if not args.no_memory:
+        for name in VARIANTS:
+            rows[name].update(memory_of(name, args.batch))
+
+    reference, full = rows["reference"], rows["ssl_kd keep 1.0"]
+    share = full["teacher_s"] / full["step_s"]
+    print(f"# DINO step, ViT-S/16, batch {args.batch}, 2×224 + 8×96 crops, head {OUT_DIM}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"teacher share of the ssl_kd step at keep 1.0: {share:.3f}")
+    print("| variant | step s | steps/s | vs reference | teacher s | teacher GMAC ratio | "
+          "saving vs keep 1.0 (predicted) | peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        speed = reference["step_s"] / row["step_s"]
+        gmac = row.get("teacher_gmac_ratio")
+        saving = predicted = None
+        if gmac is not None:
+            saving = 1 - row["step_s"] / full["step_s"]
+            predicted = share * (1 - gmac)
+            row.update(saving=saving, predicted_saving=predicted)
+        row["speed_vs_reference"] = speed
+        print(
+            f"| {name} | {row['step_s']:.2f} | {1 / row['step_s']:.3f} | {speed:.3f}× | "
+            f"{row['teacher_s']:.2f} | {'-' if gmac is None else f'{gmac:.3f}'} | "
+            + ("-" if saving is None else f"{saving:+.1%} ({predicted:+.1%})")
+            + f" | {row.get('peak_mib', float('nan')):.0f} |"
+        )
+    target_a = full["speed_vs_reference"] >= 0.95
+    print(f"(a) keep 1.0 vs reference: {full['speed_vs_reference']:.3f}× (target ≥ 0.95): "
+          f"{'met' if target_a else 'MISSED'}")  # fmt: skip
+    for r in KEEP_RATIOS[1:]:
+        row = rows[f"ssl_kd keep {r}"]
+        met = row["saving"] >= 0.9 * row["predicted_saving"]
+        print(f"(b) keep {r}: saved {row['saving']:.1%} of the step, predicted "
+              f"{row['predicted_saving']:.1%} (target ≥ {0.9 * row['predicted_saving']:.1%}): "
+              f"{'met' if met else 'MISSED'}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The benchmark scripts compare what they claim to compare (eval/bench/*.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_kd.config import load_config
+from ssl_kd.evaluation.data import eval_splits
+from ssl_kd.evaluation.knn import evaluate_knn
+from ssl_kd.flops import forward_macs
+from ssl_kd.masking import num_kept
+from ssl_kd.models.backbone import create_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, REPO / "eval" / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+
+
+def test_reference_and_ssl_kd_steps_compute_the_same_dino_loss(tmp_path: Path) -> None:
+    """Same weights and views → the lightly-example step and the trainer's step at keep 1.0
+    compute the same DINO loss, so the benchmark times the same work written two ways."""
+    dino_step = bench("dino_step")
+    overrides = [
+        "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.drop_path_rate=0.0",
+        "model.kwargs.patch_size=8", "model.kwargs.embed_dim=48", "model.kwargs.depth=2",
+        "model.kwargs.num_heads=2", "data.global_crop_size=32", "data.local_crop_size=16",
+        "data.num_local_views=2", "dino.out_dim=256", "dino.hidden_dim=64",
+        "dino.bottleneck_dim=32",
+    ]  # fmt: skip
+    ours = dino_step.SslKdStep(1.0, 4, str(tmp_path / "run"), overrides)
+    kwargs = {k: v for k, v in TINY.items()}
+    reference = dino_step.ReferenceStep(
+        "vit_tiny_patch16_224", (64, 32, 256), drop_path_rate=0.0, **kwargs
+    )
+    method = ours.trainer.method
+    model = reference.model
+    model.student_backbone.load_state_dict(method.student.backbone.vit.state_dict())
+    model.teacher_backbone.load_state_dict(method.teacher.backbone.vit.state_dict())
+    model.student_head.load_state_dict(method.student.head.state_dict())
+    model.teacher_head.load_state_dict(method.teacher.head.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
+    views += [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
+
+    ours(views)
+    reference(views)
+
+    assert ours.last_loss == pytest.approx(reference.last_loss, abs=1e-5)
+    assert ours.teacher_macs == ours.teacher_macs_unmasked > 0
+    assert ours.teacher_s > 0 and reference.teacher_s > 0
+
+
+def test_every_study_recipe_is_a_valid_config(tmp_path: Path) -> None:
+    learning = bench("learning")
+    teacher = tmp_path / "teacher.pth"
+    teacher.touch()
+    dirs = set()
+    for row in [*learning.ROWS, learning.TEACHER]:
+        for mode in ("quick", "full"):
+            overrides = learning.overrides_of(row, 3, mode, tmp_path, teacher)
+            cfg = load_config(REPO / "configs" / row.config, overrides)
+            assert cfg.train.seed == 3
+            dirs.add(cfg.output_dir)
+            if row.name.startswith("DINO"):
+                assert cfg.data.global_crop_size == 16 and cfg.method == "dino"
+            if row.name.startswith("DMAE"):
+                assert cfg.method == "dmae" and cfg.dmae.teacher_checkpoint == str(teacher)
+    assert len(dirs) == len(learning.ROWS) + 1  # one run dir per row, shared by both modes
+
+
+def test_study_table_is_mean_and_sample_std_over_seeds() -> None:
+    learning = bench("learning")
+    records = [
+        {"row": "a", "seed": s, "knn_top1": k, "linear_top1": 2 * k, "teacher_pflops": 1.0,
+         "teacher_pflops_unmasked": 2.0, "wall_s": 10.0 + s, "steps": 5}
+        for s, k in enumerate([50.0, 53.0, 59.0])
+    ]  # fmt: skip
+    (line,) = learning.aggregate(records, ["a"])
+    assert line["knn_top1"] == (
+        pytest.approx(statistics.mean([50, 53, 59])),
+        pytest.approx(statistics.stdev([50, 53, 59])),
+    )
+    assert line["linear_top1"][1] == pytest.approx(2 * statistics.stdev([50, 53, 59]))
+    assert line["seeds"] == [0, 1, 2]
+    assert learning.mean_std([4.0]) == (4.0, 0.0)
+
+
+@pytest.mark.slow
+def test_quick_study_reports_costs_that_match_the_flop_counter(tmp_path: Path) -> None:
+    """`learning.py --quick` end to end: the teacher's cost ratio of each DINO row is the
+    counted cost of its kept tokens; the random-init row's k-NN is that of a fresh backbone."""
+    results = tmp_path / "RESULTS.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "eval/bench/learning.py"), "--quick",
+         "--workdir", str(tmp_path / "work"), "--results", str(results)],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    records = json.loads((tmp_path / "learning.json").read_text())
+    by_row = {r["row"]: r for r in records}
+    assert "DINO, keep 0.5, student-guided" in results.read_text()
+
+    backbone = create_backbone(
+        "vit_tiny_patch16_224", 16, patch_size=4, embed_dim=96, depth=4, num_heads=3
+    )
+    macs = {k: forward_macs(backbone, 16, num_kept(16, k)) for k in (1.0, 0.66, 0.5)}
+    for name, keep in [("DINO, keep 0.66, student-guided", 0.66),
+                       ("DINO, keep 0.5, random", 0.5)]:  # fmt: skip
+        row = by_row[name]
+        head_share = row["teacher_pflops"] / row["teacher_pflops_unmasked"]
+        backbone_ratio = macs[keep] / macs[1.0]
+        # the DINO head's cost does not shrink with the keep ratio, so the whole teacher's
+        # ratio lies a little above the backbone's
+        assert backbone_ratio <= head_share < backbone_ratio + 0.1
+    assert by_row["MAE alone"]["teacher_pflops"] == 0
+    assert by_row["DMAE ← MAE teacher"]["teacher_pflops"] > 0
+
+    torch.manual_seed(0)
+    fresh = create_backbone(
+        "vit_tiny_patch16_224", 16, patch_size=4, embed_dim=96, depth=4, num_heads=3
+    )
+    knn = evaluate_knn(fresh, eval_splits("digits", 16, seed=0), ks=(20,), progress=False)
+    assert by_row["random init (DINO's ViT, 16 px)"]["knn_top1"] == pytest.approx(knn[20]["top1"])
