@@ -155,3 +155,20 @@ def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
     build_train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process
     with pytest.raises(ValueError, match=r"1000 \(per process\).*1437 images / 2 processes"):
         build_train_stream(cfg, rank=1, world_size=2)
+
+
+@pytest.mark.slow
+def test_resume_gives_every_rank_the_saved_config(tmp_path):
+    """`--resume` continues the saved run with its own values, on every rank. The saved run
+    ended at max_steps 2; the new command asks for 4 and another lr, so the resumed run keeps
+    max_steps 2 and ends at once. A rank left with the command line's max_steps 4 would step on
+    alone and fail in DDP's all-reduce once rank 0 has gone."""
+    out = tmp_path / "run"
+    common = {"model.drop_path_rate": 0.0, "train.batch_size": PER_RANK_BATCH}
+    torchrun(tiny_overrides(out, **common, **{"train.max_steps": 2}), timeout=120)
+    saved = load_checkpoint(out / "checkpoint.pth")
+    changed = {"train.max_steps": 4, "optim.lr": 1e-3}
+    torchrun([*tiny_overrides(out, **common, **changed), "--resume"], timeout=120)
+    resumed = load_checkpoint(out / "checkpoint.pth")
+    assert saved["step"] == resumed["step"] == 2
+    assert resumed["config"]["train"]["max_steps"] == 2

@@ -11,11 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
 
 # How long a rank waits in a collective before the job fails. Rank 0 alone runs k-NN while the
 # others wait at a barrier, which on ImageNet takes minutes, far beyond a step's time.
@@ -128,6 +131,15 @@ def barrier() -> None:
     """Waits for every rank (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (picklable objects; the identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def cleanup() -> None:

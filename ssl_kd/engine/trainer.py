@@ -339,7 +339,8 @@ def train(
             output_dir = Path(cfg.output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "config.yaml").write_text(to_yaml(cfg))
-        distributed.barrier()
+        # Every rank trains the config rank 0 settled on: --resume may have taken saved values.
+        cfg = distributed.broadcast_object(cfg)
         return Trainer(cfg, ctx, strict=strict).fit()
     finally:
         if created:
