@@ -26,6 +26,8 @@ def bench(name: str):  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location(name, REPO / "eval" / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules, so the module must be there.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
