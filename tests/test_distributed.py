@@ -159,16 +159,23 @@ def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_every_rank_the_saved_config(tmp_path):
-    """`--resume` continues the saved run with its own values, on every rank. The saved run
-    ended at max_steps 2; the new command asks for 4 and another lr, so the resumed run keeps
-    max_steps 2 and ends at once. A rank left with the command line's max_steps 4 would step on
-    alone and fail in DDP's all-reduce once rank 0 has gone."""
-    out = tmp_path / "run"
-    common = {"model.drop_path_rate": 0.0, "train.batch_size": PER_RANK_BATCH}
-    torchrun(tiny_overrides(out, **common, **{"train.max_steps": 2}), timeout=120)
-    saved = load_checkpoint(out / "checkpoint.pth")
-    changed = {"train.max_steps": 4, "optim.lr": 1e-3}
-    torchrun([*tiny_overrides(out, **common, **changed), "--resume"], timeout=120)
-    resumed = load_checkpoint(out / "checkpoint.pth")
-    assert saved["step"] == resumed["step"] == 2
-    assert resumed["config"]["train"]["max_steps"] == 2
+    """`--resume` continues the saved run with its own values, on every rank. The resumed
+    command asks for another student temperature; every rank must keep the saved one, so steps
+    3-4 log the losses (averaged over ranks) of the run that was never interrupted. A rank left
+    with the command line's temperature would change the averaged loss at once."""
+    common = {
+        "model.drop_path_rate": 0.0, "train.batch_size": PER_RANK_BATCH,
+        "train.log_every_steps": 1,
+    }  # fmt: skip
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    torchrun(tiny_overrides(straight, **common, **{"train.max_steps": 4}), timeout=120)
+    torchrun(tiny_overrides(interrupted, **common, **{"train.max_steps": 2}), timeout=120)
+    changed = {"train.max_steps": 4, "dino.student_temp": 0.2}
+    torchrun([*tiny_overrides(interrupted, **common, **changed), "--resume"], timeout=120)
+    resumed = load_checkpoint(interrupted / "checkpoint.pth")
+    assert resumed["step"] == 4  # max_steps may change on resume (how long, not what)
+    assert resumed["config"]["dino"]["student_temp"] == 0.1
+    expected, got = losses(straight), losses(interrupted)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=LOSS_TOLERANCE)
