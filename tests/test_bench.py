@@ -69,6 +69,20 @@ def test_reference_and_ssl_kd_steps_compute_the_same_dino_loss(tmp_path: Path) -
     assert ours.teacher_s > 0 and reference.teacher_s > 0
 
 
+def test_peak_memory_is_the_fresh_process_own() -> None:
+    """A worker started by a process that holds 2 GiB reports its own peak, not the parent's
+    (ru_maxrss survives exec on Linux: every variant once showed the parent's 9.4 GB)."""
+    held = torch.ones(2**29)  # 2 GiB, touched
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'eval/bench'); "
+         "import dino_step; print(dino_step.peak_rss_mib())"],
+        check=True, cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bench("dino_step").peak_rss_mib() > 2048
+    assert 50 < float(child.stdout.strip().splitlines()[-1]) < 1536
+    del held
+
+
 def test_every_study_recipe_is_a_valid_config(tmp_path: Path) -> None:
     learning = bench("learning")
     teacher = tmp_path / "teacher.pth"

@@ -15,8 +15,9 @@ ViT-S/16 student and EMA teacher, 2 global views at 224 px and 8 local views at 
   top-k patches of the student's last-block [CLS] attention when keep < 1.
 
 Variants run round-robin (one step each per round) after a warm-up step, so drift hits all
-alike; medians are reported. Peak memory: each variant again in a fresh process (peak RSS after
-building it and after 2 steps). Targets (issue 7): (a) ssl_kd at keep 1.0 reaches ≥ 0.95× the
+alike; medians are reported, and a variant's saving is the median over rounds of
+1 − its step time / keep 1.0's step time in the same round. Peak memory: each variant again in
+a fresh process (peak RSS after building it and after 2 steps). Targets (issue 7): (a) ssl_kd at keep 1.0 reaches ≥ 0.95× the
 reference's steps/s; (b) at keep r it saves at least 90% of what the teacher's share predicts,
 i.e. saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r).
 
@@ -241,7 +242,15 @@ def gpu_section(batch: int, rounds: int, peak_tflops: float | None) -> dict[str,
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS. Linux: VmHWM of its own address space; ru_maxrss would carry
+    the launching process's peak across exec, so every fresh worker reported the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def memory_of(name: str, batch: int) -> dict[str, float]:
@@ -296,6 +305,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start, step.teacher_s))
 
     rows: dict[str, dict[str, float]] = {}
+    full_times = [v[0] for v in times["ssl_kd keep 1.0"]]
     for name, values in times.items():
         rows[name] = {
             "step_s": statistics.median(v[0] for v in values),
@@ -304,6 +314,10 @@ def main() -> None:
         if name != "reference":
             step = steps[name]
             rows[name]["teacher_gmac_ratio"] = step.teacher_macs / step.teacher_macs_unmasked
+            # Paired by round: drift that slows one round slows both steps of the pair.
+            rows[name]["saving"] = statistics.median(
+                1 - v[0] / full for v, full in zip(values, full_times, strict=True)
+            )
     if not args.no_memory:
         for name in VARIANTS:
             rows[name].update(memory_of(name, args.batch))
@@ -315,16 +329,16 @@ def main() -> None:
           f"median of {args.rounds} interleaved rounds")  # fmt: skip
     print(f"teacher share of the ssl_kd step at keep 1.0: {share:.3f}")
     print("| variant | step s | steps/s | vs reference | teacher s | teacher GMAC ratio | "
-          "saving vs keep 1.0 (predicted) | peak RSS MiB |")  # fmt: skip
+          "saving vs keep 1.0, paired (predicted) | peak RSS MiB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         speed = reference["step_s"] / row["step_s"]
         gmac = row.get("teacher_gmac_ratio")
         saving = predicted = None
         if gmac is not None:
-            saving = 1 - row["step_s"] / full["step_s"]
+            saving = row["saving"]
             predicted = share * (1 - gmac)
-            row.update(saving=saving, predicted_saving=predicted)
+            row["predicted_saving"] = predicted
         row["speed_vs_reference"] = speed
         print(
             f"| {name} | {row['step_s']:.2f} | {1 / row['step_s']:.3f} | {speed:.3f}× | "

@@ -252,7 +252,7 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     workdir = args.workdir or REPO / "runs" / ("learning_quick" if args.quick else "learning")
     results = args.results or (workdir / "RESULTS.md" if args.quick else DEFAULT_RESULTS)
-    command = "python eval/bench/learning.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "eval/bench/learning.py", *sys.argv[1:]])
 
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
