@@ -14,12 +14,12 @@ ViT-S/16 student and EMA teacher, 2 global views at 224 px and 8 local views at 
   user runs: schedules, per-parameter clipping, the NaN guard, the EMA), the teacher fed the
   top-k patches of the student's last-block [CLS] attention when keep < 1.
 
-Variants run round-robin (one step each per round) after a warm-up step, so drift hits all
-alike; medians are reported, and a variant's saving is the median over rounds of
-1 − its step time / keep 1.0's step time in the same round. Peak memory: each variant again in
-a fresh process (peak RSS after building it and after 2 steps). Targets (issue 7): (a) ssl_kd
-at keep 1.0 reaches ≥ 0.95× the reference's steps/s; (b) at keep r it saves at least 90% of what the teacher's share predicts,
-i.e. saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r).
+Variants run round-robin (one step each per round) after a warm-up step, so drift hits all alike;
+medians are reported, and a variant's saving is the median over rounds of 1 − its step time / keep
+1.0's step time in the same round. Peak memory: each variant again in a fresh process (peak RSS
+after building it and after 2 steps). Targets (issue 7): (a) ssl_kd at keep 1.0 reaches ≥ 0.95× the
+reference's steps/s; (b) at keep r it saves at least 90% of what the teacher's share predicts, i.e.
+saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r).
 
 `--gpu` instead measures img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one
 CUDA GPU (batch 64, bf16 autocast); MFU = model FLOPs per step (flop counter: student forward
