@@ -55,11 +55,11 @@ bench-dino-ddp: $(STAMP)
 	$(VENV)/bin/python eval/bench/dino_ddp.py
 
 # One DINO step, ViT-S/16, 2×224 + 8×96 crops, batch 16, CPU: ssl_kd at keep 1.0/0.66/0.5 vs the
-# step lightly's DINO example assembles, interleaved medians + peak memory (~10 min).
+# step lightly's DINO example assembles, interleaved medians + peak memory (~14 min).
 bench-dino-step: $(STAMP)
 	$(VENV)/bin/python eval/bench/dino_step.py
 
-# The learning-quality study on the digits (3 seeds; ~27 min on 2 cores): eval/bench/RESULTS.md.
+# The learning-quality study on the digits (3 seeds; ~24 min on 2 cores): eval/bench/RESULTS.md.
 study: $(STAMP)
 	$(VENV)/bin/python eval/bench/learning.py
 
