@@ -153,3 +153,23 @@ def test_quick_study_reports_costs_that_match_the_flop_counter(tmp_path: Path) -
     )
     knn = evaluate_knn(fresh, eval_splits("digits", 16, seed=0), ks=(20,), progress=False)
     assert by_row["random init (DINO's ViT, 16 px)"]["knn_top1"] == pytest.approx(knn[20]["top1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU section)")
+def test_gpu_section_reports_a_utilisation_below_the_peak(tmp_path: Path) -> None:
+    """`dino_step.py --gpu` on the CUDA device: model FLOPs shrink with the keep ratio and the
+    achieved rate lies below the device's bf16 peak (an MFU above 1 would be a counting bug)."""
+    out = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "eval/bench/dino_step.py"), "--gpu", "--batch", "8",
+         "--rounds", "2", "--peak-tflops", "989", "--json", str(out)],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    full, half = result["ssl_kd keep 1.0"], result["ssl_kd keep 0.5"]
+    assert result["device"]
+    assert half["model_tflops_per_step"] < full["model_tflops_per_step"]
+    for row in (full, half):
+        assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
+        assert 0 < row["mfu"] < 1
