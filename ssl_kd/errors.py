@@ -1,0 +1,33 @@
+"""Errors a user can fix, and how they are worded.
+
+`UserError` is the one type the CLI turns into a one-line message with exit status 2 (a bad
+command line, config, path or file). Anything else that escapes is a bug in ssl_kd and shows
+its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class UserError(Exception):
+    """A problem in what the user asked for; the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem: the message names the key and what would be valid."""
+
+
+class RunFailed(UserError):
+    """The run itself failed for a reason the user can act on (a non-finite loss, an unreadable
+    image): one line, exit status 1, the last checkpoint kept."""
+
+    exit_code = 1
+
+
+def key_list(keys: Sequence[str], limit: int = 6) -> str:
+    """`a, b, c and 4 more` (`none` when empty): key lists in messages, cut to `limit` names."""
+    shown = ", ".join(str(key) for key in keys[:limit]) or "none"
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
