@@ -9,21 +9,22 @@ import sys
 from typing import Any
 
 from ssl_kd.cli_eval import add_eval_commands, add_strict_argument
-from ssl_kd.config import ConfigError, load_config
+from ssl_kd.errors import UserError
 
 TRAIN_HELP = """\
-Pretrain with the method the config names, resuming from OUTPUT_DIR/checkpoint.pth if present.
+Train with the method the config names (<methods>), resuming from OUTPUT_DIR/checkpoint.pth if
+present.
 
 CONFIG is a YAML file merged over the defaults (ssl_kd/config.py); each KEY=VALUE after it
 overrides one key, e.g.
 
   ssl-kd train configs/demo.yaml masking.keep_ratio=0.66 train.epochs=10
 
-masking.keep_ratio is the fraction of patches the DINO teacher sees (1.0: plain DINO);
-masking.strategy picks them: attention_topk (the student's [CLS] attention, MaskedKD),
-random, attention_bottomk or block. The resolved config is saved as OUTPUT_DIR/config.yaml;
-TensorBoard logs go to OUTPUT_DIR/tb, a line per log step to OUTPUT_DIR/metrics.jsonl and
-the end result to OUTPUT_DIR/summary.json.
+masking.keep_ratio is the fraction of patches the masked network sees (DINO: the teacher, 1.0
+is plain DINO; MAE/DMAE: the encoder, 0.25); masking.strategy picks them: attention_topk (the
+student's [CLS] attention, MaskedKD), random, attention_bottomk or block. The resolved config
+is saved as OUTPUT_DIR/config.yaml; TensorBoard logs go to OUTPUT_DIR/tb, a line per log step
+to OUTPUT_DIR/metrics.jsonl and the end result to OUTPUT_DIR/summary.json.
 
 Reliability: a killed run started again with the same command resumes from
 OUTPUT_DIR/checkpoint.pth (written atomically every train.checkpoint_every_steps and at each
@@ -43,7 +44,9 @@ GMACs are multiply-adds, what the MaskedKD and DMAE papers call FLOPs.
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # fails before torch is even imported
+    from ssl_kd.run_config import load_config  # a missing config file fails before torch loads
+
+    cfg = load_config(args.config, args.overrides)
 
     from ssl_kd.engine.trainer import train
 
@@ -53,8 +56,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 SUBMIT_HELP = """\
-Submit the same training as `ssl-kd train CONFIG [KEY=VALUE ...]` as a Slurm job through
-submitit: NODES × GPUS_PER_NODE tasks, one per GPU, each one torch.distributed rank (NCCL).
+Submit the same training as `ssl-kd train CONFIG [KEY=VALUE ...]` (any method: <methods>) as
+a Slurm job through submitit: NODES × GPUS_PER_NODE tasks, one per GPU, each one
+torch.distributed rank (NCCL).
 train.batch_size is per GPU; the lr scales with the global batch (optim.lr × batch × tasks / 256).
 
   ssl-kd submit configs/dino_vit_s16.yaml data.path=/data/imagenet/train \\
@@ -80,9 +84,12 @@ def _extra_option(text: str) -> tuple[str, str | bool]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from ssl_kd.launch import SlurmOptions, submit
+    from ssl_kd.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
+
+    from ssl_kd.launch import SlurmOptions, submit
+
     options = SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         partition=args.partition, timeout_min=args.timeout_min, account=args.account,
@@ -148,7 +155,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ssl-kd", description="Self-supervised ViT pretraining with a cheaper teacher."
+        prog="ssl-kd",
+        description="ViT pretraining and distillation with a cheaper teacher.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (anywhere in argv)"
@@ -156,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="pretrain (DINO)", description=TRAIN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train", help=f"train with any method ({METHODS})", description=TRAIN_HELP,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -177,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     sub = commands.add_parser(
-        "submit", help="train as a Slurm job (submitit)", description=SUBMIT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "submit", help=f"train as a Slurm job through submitit ({METHODS})",
+        description=SUBMIT_HELP, formatter_class=HelpFormatter,
     )  # fmt: skip
     sub.add_argument("config", help="YAML config file")
     sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -227,17 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+METHODS = "<methods>"  # in help texts: the registered method names, filled in when shown
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills in the registered methods only when help is shown: importing them loads torch,
+    which the other commands' argument errors need not wait for."""
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if METHODS in text:
+            from ssl_kd.methods import method_names
+
+            text = text.replace(METHODS, ", ".join(method_names()))
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`ssl-kd`. A `UserError` (a bad command, config, path or file; a run that failed for a
+    reason the user can act on) is one line on stderr with its exit status (2, or 1 for a
+    failed run); anything else is a bug in ssl_kd and shows its traceback (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere, not only before the command
     args = build_parser().parse_args([arg for arg in argv if arg != "--debug"])
     try:
         return int(args.run(args))
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    except UserError as err:
         if debug:
             raise
         print(f"ssl-kd: error: {err} (--debug shows the traceback)", file=sys.stderr)
-        return 1 if isinstance(err, FloatingPointError) else getattr(err, "exit_code", 2)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from ssl_kd.errors import UserError
+
 RAW = argparse.RawDescriptionHelpFormatter
 
 KNN_HELP = """\
@@ -169,17 +171,9 @@ def add_eval_commands(commands: Any) -> None:
 
 
 def _device(name: str) -> Any:
-    import torch
+    from ssl_kd.devices import resolve_device
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available; use --device auto")
-    return torch.device(
-        "cuda"
-        if name == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if name == "auto"
-        else name
-    )
+    return resolve_device(name, option="--device")
 
 
 def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
@@ -199,7 +193,7 @@ def _splits(args: argparse.Namespace, report: Any, augment: bool = False) -> Any
     run = report.run_config or {}
     data = args.data or ("digits" if run.get("data", {}).get("name") == "digits" else None)
     if data is None:
-        raise ValueError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
+        raise UserError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
     img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
     seed = run.get("train", {}).get("seed", 0)
     fraction = run.get("data", {}).get("test_fraction", 0.2)
@@ -323,7 +317,7 @@ def _attention(args: argparse.Namespace) -> int:
         print(f"no --checkpoint: {args.model} with random initial weights (seed 0)")
         out = Path(args.out or "attention")
     else:
-        raise ValueError("give --checkpoint FILE, or --model NAME for a random-init backbone")
+        raise UserError("give --checkpoint FILE, or --model NAME for a random-init backbone")
     for spec in args.images:
         name, image = open_image(spec)
         path = write_attention_png(

@@ -314,3 +314,28 @@ def batches_per_epoch(size: int, batch_size: int, num_replicas: int = 1) -> int:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for everything random in one training step; a resumed run draws the same."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --- temporary, until the data package lands ---
+import enum  # noqa: E402
+
+
+class Views(enum.Enum):
+    MULTI_CROP = "multi_crop"
+    SINGLE_CROP = "single_crop"
+
+
+DIGITS_IMAGES = 1797
+
+
+def check_batch(data, batch_size: int, world_size: int) -> None:  # type: ignore[no-untyped-def]
+    from ssl_kd.errors import ConfigError
+
+    if data.name == "digits":
+        share = (DIGITS_IMAGES - math.ceil(DIGITS_IMAGES * data.test_fraction)) // world_size
+        if share < batch_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} (per process) is larger than the data's share per "
+                f"process ({share} digits images with WORLD_SIZE={world_size}): lower "
+                "train.batch_size or use fewer processes"
+            )

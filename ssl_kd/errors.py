@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-class UserError(Exception):
-    """A problem in what the user asked for; the message says what is wrong and how to fix it."""
+class UserError(ValueError):
+    """A problem in what the user asked for (a bad value, path or file); the message says what
+    is wrong and how to fix it. A ValueError raised anywhere else is a bug, not this."""
 
     exit_code = 2
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """A configuration problem: the message names the key and what would be valid."""
 
 
@@ -25,6 +26,10 @@ class RunFailed(UserError):
     image): one line, exit status 1, the last checkpoint kept."""
 
     exit_code = 1
+
+
+class NonFiniteLoss(RunFailed, FloatingPointError):
+    """The loss became NaN or Inf (train.on_nonfinite says what happens then)."""
 
 
 def key_list(keys: Sequence[str], limit: int = 6) -> str:

@@ -17,8 +17,9 @@ from typing import Any
 
 import submitit
 
-from ssl_kd.config import Config, ConfigError
+from ssl_kd.config import Config
 from ssl_kd.engine import distributed
+from ssl_kd.errors import ConfigError
 
 
 class TrainJob:

@@ -141,6 +141,29 @@ def interpolate_scores(
     return resized.reshape(batch_size, -1).to(scores.dtype)
 
 
+def complement(keep_idx: Tensor, num_patches: int) -> Tensor:
+    """Sorted patch indices not in keep_idx: [B, k] → [B, N - k]."""
+    batch = keep_idx.shape[0]
+    masked = torch.ones(batch, num_patches, dtype=torch.bool, device=keep_idx.device)
+    masked.scatter_(1, keep_idx, False)
+    index = torch.arange(num_patches, device=keep_idx.device).expand(batch, -1)
+    return index[masked].reshape(batch, num_patches - keep_idx.shape[1])
+
+
+def gather_patches(tokens: Tensor, keep_idx: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Keeps the prefix tokens and the patch tokens at `keep_idx`.
+
+    Args:
+        tokens: [B, P + N, D]; keep_idx: [B, k] patch-space indices.
+
+    Returns:
+        [B, P + k, D].
+    """
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    index = keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([prefix, patches.gather(1, index)], dim=1)
+
+
 def to_sequence_index(keep_idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """Patch-space indices → sequence-space indices with the prefix tokens first (lightly's layout).
 

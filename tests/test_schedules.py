@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ssl_kd.engine.schedules import cosine_schedule, epoch_warmup_schedule
+from ssl_kd.schedules import cosine_schedule, epoch_warmup_schedule
 
 
 def test_cosine_schedule_matches_dino_formula():

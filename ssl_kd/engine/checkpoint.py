@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssl_kd.errors import UserError, key_list
+from ssl_kd.files import temporary_path, write_atomic
+
 CHECKPOINT_NAME = "checkpoint.pth"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
@@ -31,54 +34,33 @@ _saves_in_this_process = 0
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace (atomic on POSIX)."""
+    """torch.save through `files.write_atomic`: a crash mid-write leaves the old file."""
     global _saves_in_this_process
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _saves_in_this_process += 1
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if os.environ.get(KILL_IN_SAVE_ENV) == str(_saves_in_this_process):
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power cut
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    kill = os.environ.get(KILL_IN_SAVE_ENV) == str(_saves_in_this_process)
+    write_atomic(
+        path,
+        lambda handle: torch.save(state, handle),
+        before_replace=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None,
+    )
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Loads a training checkpoint, with errors that say what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). Move it away to "
             "start from scratch, restore it from a backup, or pass --strict false to resume "
             "from the newest readable checkpoint-<step>.pth."
         ) from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path} is not an ssl_kd training checkpoint (missing {', '.join(missing)}). "
             "Use a fresh output_dir, or move the file away."
         )
@@ -113,7 +95,7 @@ class CheckpointStore:
         if self.keep <= 0:
             return
         copy = self.output_dir / f"checkpoint-{step:06d}.pth"
-        tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(copy)
         tmp.unlink(missing_ok=True)
         try:
             os.link(self.path, tmp)
@@ -142,7 +124,7 @@ class CheckpointStore:
         if strict:
             if not self.path.exists():
                 newest = self.numbered()[-1]
-                raise ValueError(
+                raise UserError(
                     f"{self.output_dir} holds {newest.name} but no {CHECKPOINT_NAME}: pass "
                     "--strict false to resume from the newest numbered checkpoint, or "
                     "--overwrite to start afresh"
@@ -160,7 +142,7 @@ class CheckpointStore:
             for problem in problems:
                 print(f"warning (--strict false): skipped {problem}", file=sys.stderr)
             return state, path
-        raise ValueError(
+        raise UserError(
             f"no readable checkpoint in {self.output_dir}: {'; '.join(problems)}. Use "
             "--overwrite to start afresh"
         )
@@ -186,15 +168,10 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def short_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit]) or "none"
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def check_model_name(state: dict[str, Any], model_name: str, path: Path) -> None:
     saved = state["config"].get("model", {}).get("name")
     if saved != model_name:
-        raise ValueError(
+        raise UserError(
             f"{path} was written for model {saved!r}, not {model_name!r}: use another "
             "output_dir, or the original model.name"
         )
@@ -219,11 +196,11 @@ def load_method_state(
         return []
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
     problems = (
-        f"missing keys: {short_keys(missing)}; unexpected keys: {short_keys(unexpected)}; "
-        f"shape mismatches (file vs model): {short_keys(shapes)}"
+        f"missing keys: {key_list(missing)}; unexpected keys: {key_list(unexpected)}; "
+        f"shape mismatches (file vs model): {key_list(shapes)}"
     )
     if strict:
-        raise ValueError(
+        raise UserError(
             f"{path} does not fit this configuration ({problems}). Use the config the run was "
             f"started with ({path.parent / 'config.yaml'}), another output_dir, or --strict "
             "false to load the tensors that fit"

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ssl_kd.devices import resolve_device
+
 T = TypeVar("T")
 
 # How long a rank waits in a collective before the job fails. Rank 0 alone runs k-NN while the
@@ -42,16 +44,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`, `cpu` or `cuda` → the device of this process (the GPU of its local rank)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    # submitit's export leaves one visible GPU per task; torchrun leaves all of them.
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def export_submitit_env() -> bool:
@@ -148,21 +140,25 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-# Metrics that count things in this rank's share of the batch: summed over ranks. Every other
-# metric is a per-batch mean: averaged over ranks, which for equal shards is the global mean.
-SUMMED_METRICS = ("images", "teacher_macs", "teacher_macs_unmasked")
+def reduce_metrics(
+    means: dict[str, float], sums: dict[str, float], ctx: DistContext
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Every rank's metrics combined into the global batch's, in one all-reduce.
 
-
-def reduce_metrics(metrics: dict[str, float], ctx: DistContext) -> dict[str, float]:
-    """Every rank's metrics combined into the global batch's (one all-reduce)."""
+    `means` are per-batch means (averaged over ranks: the global mean for equal shards);
+    `sums` count things in this rank's share (images, teacher multiply-adds): summed.
+    """
     if not ctx.distributed:
-        return metrics
-    names = sorted(metrics)
-    values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)
+        return means, sums
+    names = sorted(means) + sorted(sums)
+    values = torch.tensor(
+        [float(means[n]) for n in sorted(means)] + [float(sums[n]) for n in sorted(sums)],
+        dtype=torch.float64,
+    )
     values = values.to(ctx.device) if ctx.device.type == "cuda" else values
     dist.all_reduce(values)
-    values = values.cpu()
-    return {
-        name: float(value) if name in SUMMED_METRICS else float(value) / ctx.world_size
-        for name, value in zip(names, values, strict=True)
-    }
+    reduced = dict(zip(names, values.cpu().tolist(), strict=True))
+    return (
+        {name: reduced[name] / ctx.world_size for name in means},
+        {name: reduced[name] for name in sums},
+    )

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_kd.config import TrainConfig
+from ssl_kd.errors import NonFiniteLoss
 
 HINT = (
     "Lower optim.lr, raise optim.warmup_epochs or tighten dino.clip_grad, or set "
@@ -58,7 +59,7 @@ class NonFiniteGuard:
         """False for a finite loss; True if this step is skipped (buffers restored).
 
         Raises:
-            FloatingPointError: stop policy, or the skip bound reached; names the step and
+            NonFiniteLoss: stop policy, or the skip bound reached; names the step and
                 every loss term.
         """
         if math.isfinite(loss):
@@ -87,7 +88,7 @@ class NonFiniteGuard:
             if self.policy == "skip"
             else ""
         )
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"{where}{bound}. Stopping without saving, so {self.checkpoint_path} still holds "
             f"the last good state. {HINT}"
         )

@@ -68,21 +68,22 @@ class RunLogger:
             self._jsonl.close()
 
 
+TRAIN_TAGS = ("loss", "lr", "weight_decay", "images_per_s")
+
+
 def step_scalars(metrics: dict[str, float], totals: dict[str, float]) -> dict[str, float]:
-    """A step's metrics and the running cost totals → TensorBoard tags."""
-    images = max(metrics.get("images", 1.0), 1.0)
-    scalars = {
-        "train/loss": metrics["loss"],
-        "train/lr": metrics["lr"],
-        "train/weight_decay": metrics["weight_decay"],
-        "train/images_per_s": metrics["images_per_s"],
-        "cost/teacher_gflops_per_image": 2 * metrics.get("teacher_macs", 0.0) / images / 1e9,
-        "cost/teacher_pflops_total": 2 * totals["teacher_macs"] / 1e15,
-        "cost/teacher_pflops_unmasked_total": 2 * totals["teacher_macs_unmasked"] / 1e15,
-    }
-    skip = {"loss", "lr", "weight_decay", "images_per_s", "images", "teacher_macs",
-            "teacher_macs_unmasked"}  # fmt: skip
-    scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in skip})
+    """A step's metrics and the running cost totals → TensorBoard tags: `train/` for the loop's
+    own values, `cost/` for the teacher's, `method/` for everything the method reported."""
+    scalars = {f"train/{key}": metrics[key] for key in TRAIN_TAGS}
+    scalars.update(
+        {
+            "cost/teacher_gflops_per_image": metrics["teacher_gflops_per_image"],
+            "cost/teacher_pflops_total": 2 * totals["teacher_macs"] / 1e15,
+            "cost/teacher_pflops_unmasked_total": 2 * totals["teacher_macs_unmasked"] / 1e15,
+        }
+    )
+    own = set(TRAIN_TAGS) | {"teacher_gflops_per_image"}
+    scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in own})
     return scalars
 
 

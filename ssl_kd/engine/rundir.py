@@ -9,16 +9,17 @@ or `overwrite` (delete the saved run and start this one).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from ssl_kd.config import Config, ConfigError, to_dict
+from ssl_kd.config import Config, flatten, to_dict
+from ssl_kd.config.merge import free_dicts
 from ssl_kd.engine.checkpoint import CheckpointStore
-from ssl_kd.validation import validate
+from ssl_kd.errors import ConfigError
+from ssl_kd.files import write_text_atomic
+from ssl_kd.methods import registry
+from ssl_kd.run_config import config_from_dict
 
 # Keys a resumed run may change: how long, how often, where, what to evaluate; not what.
 RESUMABLE_CHANGES = (
@@ -26,24 +27,13 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints", "train.device", "train.on_nonfinite", "train.max_skipped_steps",
     "train.debug_nan_at_steps", "data.num_workers", "data.on_error", "eval.",
 )  # fmt: skip
-FREE_DICTS = ("model.kwargs", "dmae.teacher_kwargs")
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl", "summary.json", "config.yaml")
-
-
-def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted not in FREE_DICTS:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
     """dotted key → (current, saved) for the keys that change what is trained."""
-    now, before = flatten(current), flatten(saved)
+    free = free_dicts(registry.sections())
+    now, before = flatten(current, free), flatten(saved, free)
     return {
         key: (now[key], before[key])
         for key in sorted(set(now) & set(before))
@@ -97,12 +87,14 @@ def prepare_output_dir(
 
 
 def _with_saved_values(cfg: Config, saved: dict[str, Any]) -> Config:
-    node = OmegaConf.structured(cfg)
-    for key, value in saved.items():
-        OmegaConf.update(node, key, value, merge=False)
-    result: Config = OmegaConf.to_object(node)  # type: ignore[assignment]
-    validate(result)
-    return result
+    values = to_dict(cfg)
+    for dotted, value in saved.items():
+        *parents, key = dotted.split(".")
+        node = values
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    return config_from_dict(values, "--resume")
 
 
 def remove_run(output_dir: Path) -> None:
@@ -137,6 +129,4 @@ def trim_metrics(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

@@ -19,7 +19,7 @@ import torch
 
 from ssl_kd.config import Config, to_dict, to_yaml
 from ssl_kd.engine import distributed
-from ssl_kd.engine.build import build_knn_data, build_method
+from ssl_kd.engine.build import build_method
 from ssl_kd.engine.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointStore,
@@ -31,10 +31,14 @@ from ssl_kd.engine.checkpoint import (
 from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.rundir import prepare_output_dir
-from ssl_kd.engine.schedules import cosine_schedule
 from ssl_kd.engine.streams import build_train_stream
+from ssl_kd.errors import UserError
 from ssl_kd.evaluation.knn import extract_features, knn_classify
-from ssl_kd.methods.base import Method, StepState
+from ssl_kd.files import write_text_atomic
+from ssl_kd.methods import registry
+from ssl_kd.methods.base import Method, StepOutput, StepState
+from ssl_kd.schedules import cosine_schedule
+from ssl_kd.seeding import generator_for, seed_for
 
 
 def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -45,8 +49,8 @@ def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
     the returned generator is the same on every rank, which draws for the global batch and
     keeps its own rows (`StepState.shard`).
     """
-    torch.manual_seed(seed * 1_000_003 + step + rank * 7_919_993)
-    return torch.Generator().manual_seed(seed * 2_000_003 + step)
+    torch.manual_seed(seed_for(seed, "global", step, rank))
+    return generator_for(seed, "step", step)
 
 
 class Trainer:
@@ -70,6 +74,7 @@ class Trainer:
 
         self.stream = build_train_stream(cfg, self.rank, self.world_size)
         self.method: Method = build_method(cfg).to(self.device)
+        self.method_class = registry.method_class(cfg.method)
         if self.ctx.distributed:
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.optimizer = self._optimizer()
@@ -77,8 +82,10 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.schedules = self._schedules()
+        self.method.set_schedule(self.total_steps, self.steps_per_epoch)
         self.step = 0
         self.totals: dict[str, float] = {"teacher_macs": 0.0, "teacher_macs_unmasked": 0.0}
+        self.images_seen = 0  # since this process started (for images/s)
         self.results: dict[str, Any] = {}
         self.amp = cfg.train.amp and self.device.type == "cuda"  # bf16 on CPU is far slower
         self.checkpoints = CheckpointStore(self.output_dir, cfg.train.keep_checkpoints)
@@ -92,10 +99,11 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.cfg.optim.betas))  # type: ignore[arg-type]
 
     def _schedules(self) -> dict[str, torch.Tensor]:
+        """The optimizer's per-iteration lr and weight decay (the method keeps its own)."""
         optim = self.cfg.optim
         global_batch = self.cfg.train.batch_size * self.world_size
         lr = optim.lr * global_batch / 256  # the linear scaling rule of the DINO/MAE recipes
-        schedules = {
+        return {
             "lr": cosine_schedule(
                 lr, optim.min_lr, self.total_steps, optim.warmup_epochs * self.steps_per_epoch
             ),
@@ -103,8 +111,6 @@ class Trainer:
                 optim.weight_decay, optim.weight_decay_end, self.total_steps
             ),
         }
-        schedules.update(self.method.schedules(self.total_steps, self.steps_per_epoch))
-        return schedules
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -122,6 +128,11 @@ class Trainer:
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "config": to_dict(self.cfg),
+            # Where the backbones sit in `method`, so evaluation and export need no method code.
+            "backbones": {
+                part: f"{path}.vit." for part, path in self.method_class.backbones.items()
+            },
+            "default_backbone": self.method_class.default_backbone,
             "totals": self.totals,
             "results": self.results,
             # Data position: the batch order is a function of (seed, epoch), resumed at this batch.
@@ -139,12 +150,6 @@ class Trainer:
         if found is None:
             return False
         state, path = found
-        # Checkpoints written before the DDP wrapper left the submodules held the student twice.
-        state["method"] = {
-            key: value
-            for key, value in state["method"].items()
-            if not key.startswith("_student_call.")
-        }
         check_model_name(state, self.cfg.model.name, path)
         data = state.get("data", {})
         saved_batches = data.get("steps_per_epoch", self.steps_per_epoch)
@@ -154,7 +159,7 @@ class Trainer:
                 f"was saved with {saved_batches}, so the resumed data order differs"
             )
             if self.strict:
-                raise ValueError(f"{problem}; restore the data, or pass --strict false")
+                raise UserError(f"{problem}; restore the data, or pass --strict false")
             print(f"warning (--strict false): {problem}", file=sys.stderr)
         notes = load_method_state(self.method, state["method"], path, self.strict)
         for note in notes:
@@ -182,26 +187,32 @@ class Trainer:
             distributed.barrier()
 
     def _knn(self) -> dict[str, float] | None:
-        data = build_knn_data(self.cfg)
-        if data is None:
+        from ssl_kd.evaluation.data import eval_splits, image_batches  # TEMPORARY
+
+        if self.cfg.data.name != "digits":
             return None
-        train_batches, train_labels, val_batches, val_labels = data
+        splits = eval_splits(
+            "digits", self.cfg.data.global_crop_size, seed=self.cfg.train.seed,
+            test_fraction=self.cfg.data.test_fraction,
+        )  # fmt: skip
         backbone = self.method.export_backbone()
-        train_features = extract_features(backbone, train_batches(), self.device)
-        val_features = extract_features(backbone, val_batches(), self.device)
+        size = self.cfg.eval.batch_size
+        train_features = extract_features(backbone, image_batches(splits.train, size), self.device)
+        val_features = extract_features(backbone, image_batches(splits.val, size), self.device)
         k = self.cfg.eval.knn_k
         scores = knn_classify(
-            train_features, train_labels, val_features, val_labels, (k,),
+            train_features, splits.train_labels, val_features, splits.val_labels, (k,),
             self.cfg.eval.knn_temperature,
         )[k]  # fmt: skip
         return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
 
     # --- the loop -------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
+        """One optimisation step; returns what to log (the global batch's values)."""
         epoch = self.step // self.steps_per_epoch
         values = {name: float(array[self.step]) for name, array in self.schedules.items()}
         generator = seed_step(self.cfg.train.seed, self.step, self.rank)
-        state = StepState(self.step, epoch, values, generator, (self.rank, self.world_size))
+        state = StepState(self.step, epoch, generator, (self.rank, self.world_size))
         for group in self.optimizer.param_groups:
             group["lr"] = values["lr"]
             group["weight_decay"] = values["weight_decay"] if group.get("apply_wd", True) else 0.0
@@ -213,23 +224,29 @@ class Trainer:
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         )
         with autocast:
-            out = self.method(views, state)
-        loss = out.pop("loss")
+            out: StepOutput = self.method(views, state)
         # The global batch's metrics, before backward: a NaN on any rank is seen by every rank
         # here (all stop or all skip) rather than leaving the others waiting in DDP's all-reduce.
-        metrics = {"loss": loss.item(), **{key: float(value) for key, value in out.items()}}
-        metrics = distributed.reduce_metrics(metrics, self.ctx)
-        if self.guard.should_skip(metrics["loss"], out, self.step, epoch, self.method, buffers):
+        means = {"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}
+        counts = {"images": float(out.images or views[0].shape[0]),
+                  "teacher_macs": out.teacher_macs,
+                  "teacher_macs_unmasked": out.teacher_macs_unmasked}  # fmt: skip
+        means, counts = distributed.reduce_metrics(means, counts, self.ctx)
+        self.totals["teacher_macs"] += counts["teacher_macs"]
+        self.totals["teacher_macs_unmasked"] += counts["teacher_macs_unmasked"]
+        self.images_seen += int(counts["images"])
+        logged = {**values, **means, "teacher_gflops_per_image":
+                  2 * counts["teacher_macs"] / max(counts["images"], 1.0) / 1e9}  # fmt: skip
+        if self.guard.should_skip(means["loss"], means, self.step, epoch, self.method, buffers):
             self.step += 1
-            return {"loss": metrics["loss"], **values,
-                    "skipped_steps": len(self.guard.skipped_steps)}  # fmt: skip
+            return {**logged, "skipped_steps": len(self.guard.skipped_steps)}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics.update(self.method.before_optimizer_step(state))
+        out.loss.backward()
+        logged.update(self.method.before_optimizer_step(state))
         self.optimizer.step()
         self.method.update_teacher(state)
         self.step += 1
-        return {**values, **metrics}
+        return logged
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -249,7 +266,7 @@ class Trainer:
                 logger.console(f"k-NN top-1 of the untrained backbone: {baseline['knn_top1']:.2f}")
         start_step, start_time = self.step, time.perf_counter()
         self.method.train()
-        window_time, window_images = time.perf_counter(), 0
+        window_time, window_images = time.perf_counter(), self.images_seen
 
         while self.step < self.last_step:
             epoch, batch_index = divmod(self.step, self.steps_per_epoch)
@@ -259,15 +276,15 @@ class Trainer:
                 every = self.method.picture_every_steps
                 if every and self.step % every == 0 and self.rank == 0:
                     with torch.no_grad():
-                        state = StepState(self.step, epoch, {}, seed_step(cfg.train.seed, -1))
+                        state = StepState(
+                            self.step, epoch, generator_for(cfg.train.seed, "pictures", self.step)
+                        )
                         logger.images(self.step, self.method.pictures(views, state))
-                window_images += int(metrics.get("images", views[0].shape[0]))
-                for key in self.totals:
-                    self.totals[key] += metrics.get(key, 0.0)
                 if self.step % cfg.train.log_every_steps == 0 or self.step == self.last_step:
                     now = time.perf_counter()
-                    metrics["images_per_s"] = window_images / max(now - window_time, 1e-9)
-                    window_time, window_images = now, 0
+                    images = self.images_seen - window_images
+                    metrics["images_per_s"] = images / max(now - window_time, 1e-9)
+                    window_time, window_images = now, self.images_seen
                     self._log(logger, metrics, start_step)
                 if self.step % cfg.train.checkpoint_every_steps == 0:
                     self.save()
@@ -290,7 +307,8 @@ class Trainer:
                 logger.scalars(self.step, {"eval/knn_top1": knn["knn_top1"]})
         summary = self._summary(time.perf_counter() - start_time)
         if self.rank == 0:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            text = json.dumps(summary, indent=2) + "\n"
+            write_text_atomic(self.output_dir / "summary.json", text)
         self.save()
         logger.close()
         return summary
@@ -310,8 +328,7 @@ class Trainer:
             "method": self.cfg.method,
             "model": self.cfg.model.name,
             "steps": self.step,
-            "keep_ratio": self.cfg.masking.keep_ratio,
-            "masking_strategy": self.cfg.masking.strategy,
+            **self.method.summary(),
             "teacher_pflops": 2 * self.totals["teacher_macs"] / 1e15,
             "teacher_pflops_unmasked": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
             "wall_s": wall_s,
@@ -338,7 +355,7 @@ def train(
             cfg = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, strict=strict)
             output_dir = Path(cfg.output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_text_atomic(output_dir / "config.yaml", to_yaml(cfg))
         # Every rank trains the config rank 0 settled on: --resume may have taken saved values.
         cfg = distributed.broadcast_object(cfg)
         return Trainer(cfg, ctx, strict=strict).fit()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from ssl_kd.errors import UserError
 from ssl_kd.models.backbone import ViTBackbone
 
 
@@ -42,7 +43,7 @@ class FeatureSpec:
 def backbone_features(backbone: ViTBackbone, images: Tensor, spec: FeatureSpec) -> Tensor:
     """images [B, C, H, W] → features [B, spec.dim(D)] float32 (backbone in eval mode)."""
     if not 1 <= spec.n_last_blocks <= backbone.num_blocks:
-        raise ValueError(
+        raise UserError(
             f"n_last_blocks={spec.n_last_blocks}: the backbone has {backbone.num_blocks} blocks"
         )
     blocks = list(range(backbone.num_blocks - spec.n_last_blocks, backbone.num_blocks))

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_kd.engine.schedules import cosine_schedule
 from ssl_kd.evaluation.data import EvalSplits, image_batches
 from ssl_kd.evaluation.features import FeatureSpec, backbone_features, extract
 from ssl_kd.evaluation.lars import LARS
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.schedules import cosine_schedule
 
 PROTOCOLS = ("dino", "mae")
 REPORTS = ("last", "best")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssl_kd.errors import UserError, key_list
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
 from ssl_kd.models.weights import BackboneWeights, check_fit, fit_problems, read_backbone_weights
 
@@ -36,15 +37,12 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        ignored = ", ".join(self.ignored[:6]) + (
-            f" and {len(self.ignored) - 6} more" if len(self.ignored) > 6 else ""
-        )
+        ignored = key_list(self.ignored)
         not_loaded = ""
         if self.missing or self.unexpected:
             not_loaded = (
-                f" (--strict false: missing {', '.join(self.missing[:6])}"
-                f"{' ...' if len(self.missing) > 6 else ''}; not loaded "
-                f"{', '.join(self.unexpected[:6])}{' ...' if len(self.unexpected) > 6 else ''})"
+                f" (--strict false: missing {key_list(self.missing)}; not loaded "
+                f"{key_list(self.unexpected)})"
             )
         return (
             f"loaded {self.loaded} tensors into {self.model} {self.model_kwargs or ''} from "
@@ -110,7 +108,7 @@ def load_backbone(
     if model is None:
         model = architecture_from_args(weights.args)
     if model is None:
-        raise ValueError(
+        raise UserError(
             f"{path} ({weights.layout}) does not say which model it holds: pass --model NAME "
             "(a timm ViT, e.g. vit_small_patch16_224) and, for a non-standard size, "
             "--model-kwargs '{patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}'"
@@ -119,7 +117,7 @@ def load_backbone(
     try:
         backbone = create_backbone(model, img_size, **kwargs)
     except TypeError as err:
-        raise ValueError(f"--model-kwargs {kwargs} do not fit {model}: {err}") from None
+        raise UserError(f"--model-kwargs {kwargs} do not fit {model}: {err}") from None
     missing, unexpected, mismatched = fit_problems(backbone, weights)
     if strict:
         check_fit(backbone, weights)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from ssl_kd.data import load_image, normalize_images
+from ssl_kd.errors import UserError
 from ssl_kd.masking import num_kept, select
 from ssl_kd.models.backbone import ViTBackbone
 from ssl_kd.visualize import attention_panels
@@ -33,9 +34,9 @@ def open_image(spec: str) -> tuple[str, Image.Image]:
         try:
             return Path(name).stem, Image.fromarray(load_sample_image(name)).convert("RGB")
         except AttributeError:
-            raise ValueError(f"{spec}: scikit-learn bundles china.jpg and flower.jpg") from None
+            raise UserError(f"{spec}: scikit-learn bundles china.jpg and flower.jpg") from None
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"image {spec} does not exist")
+        raise UserError(f"image {spec} does not exist")
     return Path(spec).stem, load_image(spec)
 
 

@@ -1,50 +1,125 @@
-"""The contract every method fulfils; the trainer knows nothing else about a method."""
+"""The contract every method fulfils; the trainer, the config loader, the data and the weights
+code know nothing else about a method.
+
+A method is one file in `ssl_kd/methods/`: a `Method` subclass registered with `@register`
+that declares, in one place, its names, its typed config section, the views it needs from the
+data, its masking defaults, its checks, how it is built, and where its evaluated backbone is.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ssl_kd.config.sections import Config, MaskingConfig
+from ssl_kd.data import Views
+from ssl_kd.masking import keep_ratio_schedule
+from ssl_kd.models.backbone import ViTBackbone
+
 
 @dataclass
 class StepState:
-    """Where training is, and this iteration's value of every method schedule."""
+    """Where training is; a method derives its schedules (keep ratio, momentum, ...) from it."""
 
     step: int
     epoch: int
-    values: dict[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
     # (rank, world_size): random masks are drawn for the global batch and sliced per rank
     # (`masking.select(shard=...)`), so a sample's mask does not depend on the world size.
     shard: tuple[int, int] = (0, 1)
 
 
-class Method(nn.Module):
-    """A method owns its networks, heads and loss; the trainer only drives it.
+@dataclass
+class StepOutput:
+    """What one forward returns to the trainer.
 
-    Subclasses implement `forward(batch, state) -> {"loss": Tensor, <metric>: float, ...}`.
-    A metric named `teacher_macs` (and `teacher_macs_unmasked`) is the teacher's multiply-adds in
-    this step; the trainer accumulates it into the cost logs.
+    Attributes:
+        loss: the scalar to minimise.
+        metrics: named floats (or 0-d tensors) for the logs; names ending in `loss` are the
+            loss terms a non-finite-loss message lists.
+        teacher_macs: the teacher's multiply-adds in this step (this process's share).
+        teacher_macs_unmasked: what the same teacher would have cost on every patch.
+        images: images this process trained on in this step.
+        keep_ratio: the fraction of patches the masked network saw, if the method masks.
     """
 
-    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
-        """Method-specific per-iteration schedules (e.g. teacher momentum, temperature)."""
+    loss: Tensor
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
+    teacher_macs: float = 0.0
+    teacher_macs_unmasked: float = 0.0
+    images: int = 0
+    keep_ratio: float | None = None
+
+
+class Method(nn.Module):
+    """A method owns its networks, heads, loss and schedules; the trainer only drives it.
+
+    Subclasses set the class attributes below, implement `build`, `forward` and
+    `export_backbone`, and are registered with `ssl_kd.methods.registry.register`.
+    """
+
+    names: ClassVar[tuple[str, ...]] = ()  # what `method:` may say
+    section: ClassVar[str] = ""  # the key of its config section
+    config_class: ClassVar[type] = object  # that section's dataclass
+    views: ClassVar[Views] = Views.MULTI_CROP  # what the training stream yields
+    # masking.keep_ratio / masking.strategy when the config leaves them unset (None).
+    default_keep_ratio: ClassVar[float] = 1.0
+    default_strategy: ClassVar[str] = "attention_topk"
+    # Where the backbones it can export sit in its state dict (part → module path of a
+    # `ViTBackbone`), and which part is evaluated and exported by default.
+    backbones: ClassVar[dict[str, str]] = {}
+    default_backbone: ClassVar[str] = "student"
+
+    # --- declared once per method ---------------------------------------------------------
+    @classmethod
+    def resolve_defaults(cls, cfg: Config) -> None:
+        """Fills the config values this method chooses (masking defaults)."""
+        if cfg.masking.keep_ratio is None:
+            cfg.masking.keep_ratio = cls.default_keep_ratio
+        if cfg.masking.strategy is None:
+            cfg.masking.strategy = cls.default_strategy
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Checks of its own section and of how it uses the shared ones (ConfigError)."""
+        check = getattr(cfg.section(cls.section), "check", None)
+        if check is not None:
+            check()
+
+    @classmethod
+    def build(cls, cfg: Config, backbone: ViTBackbone) -> Method:
+        """The method of `cfg` around a freshly built student backbone."""
+        raise NotImplementedError
+
+    # --- per run --------------------------------------------------------------------------
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Precomputes the method's per-iteration schedules once the run length is known.
+
+        Until it is called (a method used outside the trainer), every schedule takes its
+        configured final value.
+        """
+
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The method's part of the run summary (summary.json)."""
         return {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups; `apply_wd=False` groups get no weight decay (biases, norms)."""
         return param_groups_without_wd_on_1d(self.trainable_module())
 
-    # Subclasses set `self.student` (everything trained), call it through `self._student_call`
+    # Subclasses set `self.student` (everything trained), call it through `self.student_call`
     # and may hold a `self.teacher` (EMA or frozen), which stays in eval mode.
     student: nn.Module
 
     @property
-    def _student_call(self) -> nn.Module:
+    def student_call(self) -> nn.Module:
         """The student's forward: the DDP wrapper once `wrap_trainable` ran, else the student."""
         return self.__dict__.get("_student_wrapper", self.student)
 
@@ -81,9 +156,48 @@ class Method(nn.Module):
         """Images for TensorBoard, tag → [3, H, W] in [0, 1]."""
         return {}
 
-    def export_backbone(self) -> nn.Module:
-        """The backbone to evaluate and export (a `ViTBackbone`)."""
-        raise NotImplementedError
+    def export_backbone(self, part: str | None = None) -> ViTBackbone:
+        """The backbone to evaluate and export: `part` of `backbones`, default its default."""
+        path = self.backbones[part or self.default_backbone]
+        backbone = self.get_submodule(path)
+        assert isinstance(backbone, ViTBackbone), path
+        return backbone
+
+
+class KeepRatioSchedule:
+    """The keep ratio of a masking method per step: linear from `masking.keep_ratio_start` to
+    `masking.keep_ratio` over `masking.keep_ratio_warmup_epochs`, then constant.
+
+    The one fallback rule: before `set_schedule` (a method used outside the trainer) and past
+    the schedule's end, the ratio is the configured final `masking.keep_ratio`.
+    """
+
+    def __init__(self, masking: MaskingConfig) -> None:
+        assert masking.keep_ratio is not None, "masking defaults are resolved when loading"
+        self.masking = masking
+        self.final = float(masking.keep_ratio)
+        self.values: Tensor | None = None
+
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        masking = self.masking
+        self.values = keep_ratio_schedule(
+            self.final,
+            masking.keep_ratio_start,
+            masking.keep_ratio_warmup_epochs * steps_per_epoch,
+            total_steps,
+        )
+
+    def __call__(self, step: int) -> float:
+        if self.values is None or not 0 <= step < len(self.values):
+            return self.final
+        return float(self.values[step])
+
+
+def scheduled(values: Tensor | None, step: int, final: float) -> float:
+    """`values[step]`, or `final` before a schedule exists and past its end."""
+    if values is None or not 0 <= step < len(values):
+        return final
+    return float(values[step])
 
 
 def param_groups_without_wd_on_1d(module: nn.Module) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from lightly.loss import DINOLoss, KoLeoLoss
@@ -23,14 +24,48 @@ from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from ssl_kd.config import DinoConfig, MaskingConfig
-from ssl_kd.data import to_unit_range
-from ssl_kd.engine.schedules import cosine_schedule, epoch_warmup_schedule
+from ssl_kd.config.sections import Config, MaskingConfig, check_positive
+from ssl_kd.data import Views, to_unit_range
+from ssl_kd.errors import ConfigError
 from ssl_kd.flops import forward_macs
-from ssl_kd.masking import keep_ratio_schedule, num_kept, select
-from ssl_kd.methods.base import Method, StepState, clip_gradients_per_parameter
+from ssl_kd.masking import num_kept, select
+from ssl_kd.methods.base import (
+    KeepRatioSchedule,
+    Method,
+    StepOutput,
+    StepState,
+    clip_gradients_per_parameter,
+    scheduled,
+)
+from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.schedules import cosine_schedule, epoch_warmup_schedule
 from ssl_kd.visualize import attention_panels
+
+
+@dataclass
+class DinoConfig:
+    """The `dino` section: head, loss, teacher and KoLeo (official DINO defaults)."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = False  # False for ViT-S in the official recipe
+    batch_norm: bool = False  # BatchNorm in the head's MLP (DINO's ResNet recipe)
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine schedule to 1.0, per iteration
+    freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0  # 0 disables
+    # DINOv2's KoLeo regulariser on the student's global-view [CLS] features (0.1 in DINOv2);
+    # it spreads the backbone features of a batch, which small datasets need (see README).
+    koleo_weight: float = 0.0
+
+    def check(self) -> None:
+        check_positive({"dino.out_dim": self.out_dim})
 
 
 class DINONetwork(nn.Module):
@@ -62,6 +97,7 @@ class DINONetwork(nn.Module):
         return self.head(features), out.cls, out.cls_attention
 
 
+@register
 class DINO(Method):
     """DINO's student, EMA teacher, heads and loss, with optional teacher masking.
 
@@ -69,10 +105,40 @@ class DINO(Method):
         backbone: the student backbone; the teacher starts as an exact (deep) copy.
         cfg: the `dino` section; masking: the `masking` section.
         global_crop_size: size of the global views (for the teacher's grid and cost).
+        epochs: the run's length (the teacher temperature warms up per epoch).
     """
+
+    names = ("dino",)
+    section = "dino"
+    config_class = DinoConfig
+    views = Views.MULTI_CROP
+    default_keep_ratio = 1.0  # plain DINO; MaskedKD's teacher masking below 1
+    default_strategy = "attention_topk"
+    backbones: ClassVar[dict[str, str]] = {
+        "teacher": "teacher.backbone",
+        "student": "student.backbone",
+    }
+    default_backbone = "teacher"  # DINO evaluates the teacher
 
     student: DINONetwork
     teacher: DINONetwork
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        dino: DinoConfig = cfg.section(cls.section)
+        if (dino.batch_norm or dino.koleo_weight > 0) and cfg.train.batch_size < 2:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} per process is too small for "
+                "dino.batch_norm / dino.koleo_weight, which need at least 2 images per process"
+            )
+
+    @classmethod
+    def build(cls, cfg: Config, backbone: ViTBackbone) -> DINO:
+        return cls(
+            backbone, cfg.section(cls.section), cfg.masking, cfg.data.global_crop_size,
+            cfg.train.epochs,
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -107,6 +173,9 @@ class DINO(Method):
         )
         self.koleo = KoLeoLoss()
         self._macs_cache: dict[int, int] = {}
+        self.keep_ratio = KeepRatioSchedule(masking)
+        self._momentum: Tensor | None = None
+        self._teacher_temp: Tensor | None = None
 
     def _new_head(self, input_dim: int) -> DINOProjectionHead:
         with warnings.catch_warnings():  # lightly still uses the old weight_norm API
@@ -133,40 +202,38 @@ class DINO(Method):
                     module.train()
         return self
 
-    # --- contract -------------------------------------------------------------------------
-    def export_backbone(self) -> ViTBackbone:
-        return self.teacher.backbone  # DINO evaluates the teacher
+    # --- schedules ------------------------------------------------------------------------
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        cfg = self.cfg
+        self._momentum = cosine_schedule(cfg.momentum_teacher, 1.0, total_steps)
+        self._teacher_temp = epoch_warmup_schedule(
+            cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs,
+            self.epochs, steps_per_epoch,
+        )[:total_steps]  # fmt: skip
+        self.keep_ratio.set_schedule(total_steps, steps_per_epoch)
 
-    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
-        cfg, masking = self.cfg, self.masking
-        return {
-            "momentum": cosine_schedule(cfg.momentum_teacher, 1.0, total_steps),
-            "teacher_temp": epoch_warmup_schedule(
-                cfg.warmup_teacher_temp,
-                cfg.teacher_temp,
-                cfg.warmup_teacher_temp_epochs,
-                self.epochs,
-                steps_per_epoch,
-            )[:total_steps],
-            "keep_ratio": keep_ratio_schedule(
-                masking.keep_ratio,
-                masking.keep_ratio_start,
-                masking.keep_ratio_warmup_epochs * steps_per_epoch,
-                total_steps,
-            ),
-        }
+    def momentum(self, step: int) -> float:
+        return scheduled(self._momentum, step, self.cfg.momentum_teacher)
 
-    def forward(self, views: list[Tensor], state: StepState) -> dict[str, Any]:
+    def teacher_temp(self, step: int) -> float:
+        return scheduled(self._teacher_temp, step, self.cfg.teacher_temp)
+
+    def summary(self) -> dict[str, Any]:
+        return {"keep_ratio": self.keep_ratio.final, "masking_strategy": self.masking.strategy}
+
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
         """views: [global_0, global_1, local_0, ...], each [B, C, H, W]."""
         batch = views[0].shape[0]
         global_views = torch.cat(views[:2])  # [2B, C, H, W]
         local_views = torch.cat(views[2:]) if len(views) > 2 else None
         num_patches = self.grid[0] * self.grid[1]
-        keep = num_kept(num_patches, state.values.get("keep_ratio", 1.0))
+        keep_ratio = self.keep_ratio(state.step)
+        teacher_temp = self.teacher_temp(state.step)
+        keep = num_kept(num_patches, keep_ratio)
         masked = keep < num_patches
         needs_scores = masked and self.masking.strategy.startswith("attention")
 
-        student_logits, student_cls, cls_attention = self._student_call(
+        student_logits, student_cls, cls_attention = self.student_call(
             global_views, local_views, cls_attention=needs_scores
         )
 
@@ -192,30 +259,35 @@ class DINO(Method):
         loss = self.loss_fn(
             list(teacher_logits.float().chunk(2)),
             list(student_logits.float().chunk(len(views))),
-            teacher_temp=state.values.get("teacher_temp", self.cfg.teacher_temp),
+            teacher_temp=teacher_temp,
         )
-        metrics = self._teacher_stats(teacher_logits.detach().float(), state)
+        metrics = self._teacher_stats(teacher_logits.detach().float(), teacher_temp)
         metrics["dino_loss"] = loss.item()  # each term is named when the total is not finite
         if self.cfg.koleo_weight > 0:
             # DINOv2: one KoLeo term per global crop, over that crop's batch.
             koleo = sum(self.koleo(view) for view in student_cls.float().chunk(2))
             loss = loss + self.cfg.koleo_weight * koleo
             metrics["koleo_loss"] = koleo.item()
+        metrics.update(
+            teacher_tokens_kept=keep + self.teacher.backbone.num_prefix_tokens,
+            keep_ratio=keep_ratio,
+            momentum=self.momentum(state.step),
+            teacher_temp=teacher_temp,
+        )
         teacher_views = global_views.shape[0]
-        return {
-            "loss": loss,
-            **metrics,
-            "teacher_tokens_kept": keep + self.teacher.backbone.num_prefix_tokens,
-            "teacher_macs": teacher_views * self.teacher_macs_per_view(keep),
-            "teacher_macs_unmasked": teacher_views * self.teacher_macs_per_view(num_patches),
-            "images": batch,
-        }
+        return StepOutput(
+            loss,
+            metrics,
+            teacher_macs=teacher_views * self.teacher_macs_per_view(keep),
+            teacher_macs_unmasked=teacher_views * self.teacher_macs_per_view(num_patches),
+            images=batch,
+            keep_ratio=keep_ratio,
+        )
 
     @torch.no_grad()
-    def _teacher_stats(self, teacher_logits: Tensor, state: StepState) -> dict[str, float]:
+    def _teacher_stats(self, teacher_logits: Tensor, temp: float) -> dict[str, float]:
         """Collapse signals: per-sample entropy → ln K means uniform collapse; entropy of the
         batch-mean distribution → 0 means every image lands in one dimension."""
-        temp = state.values.get("teacher_temp", self.cfg.teacher_temp)
         center = self.loss_fn.center.reshape(1, -1)
         probs = ((teacher_logits - center) / temp).softmax(dim=-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
@@ -252,9 +324,9 @@ class DINO(Method):
         attention = backbone(images, cls_attention=True).cls_attention  # [B, heads, N]
         backbone.train(was_training)
         num_patches = self.grid[0] * self.grid[1]
-        final_ratio, strategy = self.masking.keep_ratio, self.masking.strategy
-        assert final_ratio is not None and strategy is not None  # resolved by load_config
-        keep = num_kept(num_patches, state.values.get("keep_ratio", final_ratio))
+        strategy = self.masking.strategy
+        assert strategy is not None  # resolved when the config was loaded
+        keep = num_kept(num_patches, self.keep_ratio(state.step))
         keep_idx = select(
             attention.mean(dim=1), keep, strategy, grid=self.grid, generator=state.generator
         )
@@ -267,5 +339,4 @@ class DINO(Method):
 
     @torch.no_grad()
     def update_teacher(self, state: StepState) -> None:
-        momentum = state.values["momentum"]
-        update_momentum(self.student, self.teacher, momentum)
+        update_momentum(self.student, self.teacher, self.momentum(state.step))

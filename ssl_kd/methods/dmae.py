@@ -11,7 +11,8 @@ of MaskedKD), and the alignment covers just those tokens.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
@@ -19,14 +20,42 @@ from lightly.models.utils import patchify
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from ssl_kd.config import DmaeConfig, MaskingConfig
-from ssl_kd.data import to_unit_range
+from ssl_kd.config.sections import Config, MaskingConfig, check_choice, check_file, check_ratio
+from ssl_kd.data import Views, to_unit_range
+from ssl_kd.errors import ConfigError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
-from ssl_kd.masking import num_kept, select
-from ssl_kd.methods.base import Method, StepState
-from ssl_kd.models.backbone import ViTBackbone, gather_patches
-from ssl_kd.models.heads import MAEDecoder, alignment_projection, complement
+from ssl_kd.masking import complement, gather_patches, num_kept, select
+from ssl_kd.methods.base import KeepRatioSchedule, Method, StepOutput, StepState
+from ssl_kd.methods.registry import register
+from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
+from ssl_kd.models.weights import load_backbone_weights
+
+
+@dataclass
+class DmaeConfig:
+    """The `dmae` section: MAE pretraining (method=mae) and DMAE distillation (method=dmae)."""
+
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    teacher_name: str = "vit_large_patch16_224"  # any timm ViT with the student's patch grid
+    teacher_checkpoint: str | None = None  # local file: MAE release, timm state dict, ssl_kd run
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    # (student block, teacher block) pairs, 0-based; the teacher stops after the deepest one.
+    aligned_blocks: list[list[int]] = field(default_factory=lambda: [[8, 17]])
+    projection: str = "linear"
+    distill_weight: float = 1.0
+    # Fraction of the student's visible patches the teacher sees (top of the student's [CLS]
+    # attention); 1.0: all visible patches, as in DMAE.
+    teacher_keep_ratio: float = 1.0
+    recon_images_every_steps: int = 0  # reconstruction pictures to TensorBoard; 0: never
+
+    def check(self) -> None:
+        check_choice("dmae.projection", self.projection, PROJECTIONS)
+        check_ratio("dmae.teacher_keep_ratio", self.teacher_keep_ratio)
 
 
 class MAEStudent(nn.Module):
@@ -56,14 +85,83 @@ class MAEStudent(nn.Module):
         return self.decoder(out.tokens, keep_idx, mask_idx), out.block_outputs, out.cls_attention
 
 
+@register
 class DMAE(Method):
     """MAE (teacher=None) or DMAE (a frozen teacher backbone given).
+
+    `method: mae` trains the encoder and decoder alone; `method: dmae` adds the alignment to
+    the frozen teacher of `dmae.teacher_checkpoint`. Both read the `dmae` section.
 
     Args:
         encoder: the student encoder; teacher: frozen pretrained backbone or None (plain MAE).
         cfg: the `dmae` section; masking: the `masking` section (keep ratio of the encoder).
         img_size: input size.
     """
+
+    names = ("mae", "dmae")
+    section = "dmae"
+    config_class = DmaeConfig
+    views = Views.SINGLE_CROP  # MAE: one random resized crop, no multi-crop
+    default_keep_ratio = 0.25  # MAE's 75% masking
+    default_strategy = "random"
+    # The frozen teacher is not in the state dict: the encoder is what a run exports.
+    backbones: ClassVar[dict[str, str]] = {"student": "student.encoder"}
+    default_backbone = "student"
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        dmae: DmaeConfig = cfg.section(cls.section)
+        strategy = cfg.masking.strategy
+        if strategy is not None and strategy.startswith("attention"):
+            raise ConfigError(
+                f"masking.strategy={strategy} needs a student attention map, which "
+                f"{cfg.method}'s encoder mask is drawn before; use random (or block). The DMAE "
+                "teacher's own top-k is dmae.teacher_keep_ratio"
+            )
+        if cfg.masking.keep_ratio == 1.0:
+            raise ConfigError(
+                f"masking.keep_ratio=1.0 leaves nothing for {cfg.method} to reconstruct; "
+                "use 0.25 (MAE, DMAE) or 0.05"
+            )
+        if not cls.distils(cfg):
+            return
+        if not dmae.teacher_checkpoint:
+            raise ConfigError(
+                "dmae.teacher_checkpoint is not set: DMAE distils from a frozen pretrained MAE "
+                "teacher; point it at a local checkpoint (MAE release, timm state dict or an "
+                "ssl_kd run's checkpoint.pth)"
+            )
+        check_file("dmae.teacher_checkpoint", dmae.teacher_checkpoint)
+        pairs = dmae.aligned_blocks
+        if not pairs or any(len(pair) != 2 or min(pair) < 0 for pair in pairs):
+            raise ConfigError(
+                f"dmae.aligned_blocks={pairs} must be a non-empty list of [student_block, "
+                "teacher_block] pairs of 0-based block indices, e.g. [[8, 17]]"
+            )
+
+    @classmethod
+    def distils(cls, cfg: Config) -> bool:
+        """`dmae` distils from a teacher; `mae` (the first name) does not."""
+        return cfg.method != cls.names[0]
+
+    @classmethod
+    def build(cls, cfg: Config, backbone: ViTBackbone) -> DMAE:
+        dmae: DmaeConfig = cfg.section(cls.section)
+        teacher = None
+        if cls.distils(cfg):
+            # The frozen teacher, from a local file (never downloaded).
+            teacher = create_backbone(
+                dmae.teacher_name, cfg.model.img_size, **dict(dmae.teacher_kwargs)
+            )
+            assert dmae.teacher_checkpoint is not None
+            ignored = load_backbone_weights(teacher, dmae.teacher_checkpoint)
+            if ignored:
+                print(
+                    f"teacher {dmae.teacher_checkpoint}: ignored {len(ignored)} keys "
+                    f"({key_list(ignored)})"
+                )
+        return cls(backbone, teacher, dmae, cfg.masking, cfg.data.global_crop_size)
 
     def __init__(
         self,
@@ -105,6 +203,7 @@ class DMAE(Method):
         self.teacher_last_block = max((t for _, t in self.pairs), default=-1)
         self.picture_every_steps = cfg.recon_images_every_steps
         self._macs_cache: dict[tuple[int, int | None], int] = {}
+        self.keep_ratio = KeepRatioSchedule(masking)
 
     def _check_teacher(self, encoder: ViTBackbone, teacher: ViTBackbone) -> None:
         if teacher.grid(self.img_size) != self.grid:
@@ -128,17 +227,22 @@ class DMAE(Method):
         return self
 
     # --- contract -------------------------------------------------------------------------
-    def export_backbone(self) -> ViTBackbone:
-        return self.student.encoder
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.keep_ratio.set_schedule(total_steps, steps_per_epoch)
 
-    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Tensor]:
-        return {"keep_ratio": torch.full((total_steps,), float(self.masking.keep_ratio))}
+    def summary(self) -> dict[str, Any]:
+        return {
+            "keep_ratio": self.keep_ratio.final,
+            "masking_strategy": self.masking.strategy,
+            "teacher_keep_ratio": self.cfg.teacher_keep_ratio,
+        }
 
-    def forward(self, views: list[Tensor], state: StepState) -> dict[str, Any]:
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
         images = views[0]  # [B, 3, H, W]: MAE uses one view
         batch = images.shape[0]
         num_patches = self.grid[0] * self.grid[1]
-        keep = num_kept(num_patches, state.values.get("keep_ratio", self.masking.keep_ratio))
+        keep_ratio = self.keep_ratio(state.step)
+        keep = num_kept(num_patches, keep_ratio)
         keep_idx = select(
             None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
             grid=self.grid, generator=state.generator, device=images.device, shard=state.shard,
@@ -146,17 +250,16 @@ class DMAE(Method):
         mask_idx = complement(keep_idx, num_patches)
         distilling = self.teacher is not None and self.cfg.distill_weight > 0
         teacher_keep = num_kept(keep, self.cfg.teacher_keep_ratio)
-        pred, student_blocks, cls_attention = self._student_call(
+        pred, student_blocks, cls_attention = self.student_call(
             images, keep_idx, mask_idx, [s for s, _ in self.pairs],
             cls_attention=distilling and teacher_keep < keep,
         )  # fmt: skip
         target = patchify(images, self.student.encoder.patch_size)
         target = target.gather(1, mask_idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         recon = mae_pixel_loss(pred.float(), target.float(), self.cfg.norm_pix_loss)
-        out: dict[str, Any] = {"recon_loss": recon.item(), "images": batch}
+        metrics: dict[str, float | Tensor] = {"recon_loss": recon.item(), "keep_ratio": keep_ratio}
         if not distilling:
-            out["loss"] = recon
-            return out
+            return StepOutput(recon, metrics, images=batch, keep_ratio=keep_ratio)
 
         # The teacher sees the student's visible patches (or their top fraction by the student's
         # [CLS] attention) and stops at the deepest aligned block.
@@ -182,14 +285,15 @@ class DMAE(Method):
                 projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
             )
         distill = distill / len(self.pairs)
-        out.update(
-            loss=recon + self.cfg.distill_weight * distill,
-            distill_loss=distill.item(),
-            teacher_tokens_kept=teacher_keep + prefix,
+        metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix)
+        return StepOutput(
+            recon + self.cfg.distill_weight * distill,
+            metrics,
             teacher_macs=batch * self.teacher_macs(teacher_keep, self.teacher_last_block),
             teacher_macs_unmasked=batch * self.teacher_macs(keep, None),
+            images=batch,
+            keep_ratio=keep_ratio,
         )
-        return out
 
     def teacher_macs(self, keep: int, stop_after_block: int | None) -> int:
         """Teacher multiply-adds per image, measured once per (tokens, depth).
@@ -211,7 +315,7 @@ class DMAE(Method):
         images = views[0][:4]
         batch, patch = images.shape[0], self.student.encoder.patch_size
         num_patches = self.grid[0] * self.grid[1]
-        keep = num_kept(num_patches, self.masking.keep_ratio)
+        keep = num_kept(num_patches, self.keep_ratio(state.step))
         keep_idx = select(
             None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
             grid=self.grid, generator=state.generator, device=images.device,

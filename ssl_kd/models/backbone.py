@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import timm
-import torch
 from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_kd.models.weights import backbone_state_dict, load_backbone_weights
-
-__all__ = [
-    "BackboneOutput",
-    "ViTBackbone",
-    "backbone_state_dict",
-    "create_backbone",
-    "gather_patches",
-    "load_backbone_weights",
-]
+from ssl_kd.errors import UserError
+from ssl_kd.masking import gather_patches
 
 
 @dataclass
@@ -175,26 +166,11 @@ def cls_attention_from_qkv(qkv: Tensor, attn: nn.Module, num_prefix_tokens: int)
     return logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
 
 
-def gather_patches(tokens: Tensor, keep_idx: Tensor, num_prefix_tokens: int) -> Tensor:
-    """Keeps the prefix tokens and the patch tokens at `keep_idx`.
-
-    Args:
-        tokens: [B, P + N, D]; keep_idx: [B, k] patch-space indices.
-
-    Returns:
-        [B, P + k, D].
-    """
-    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
-    index = keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
-    return torch.cat([prefix, patches.gather(1, index)], dim=1)
-
-
 def create_backbone(
     name: str,
     img_size: int,
     *,
     drop_path_rate: float = 0.0,
-    checkpoint: str | None = None,
     **kwargs: Any,
 ) -> ViTBackbone:
     """Builds any timm ViT by name, never downloading weights.
@@ -202,7 +178,6 @@ def create_backbone(
     Args:
         name: timm model name, e.g. `vit_small_patch16_224`.
         img_size: size the position embedding is built for (other sizes are resampled).
-        checkpoint: optional local state dict to load (see `load_backbone_weights`).
         kwargs: overrides for timm (patch_size, embed_dim, depth, num_heads, ...).
     """
     try:
@@ -216,8 +191,5 @@ def create_backbone(
             **kwargs,
         )
     except RuntimeError as err:
-        raise ValueError(f"timm cannot build model {name!r}: {err}") from None
-    backbone = ViTBackbone(vit)
-    if checkpoint is not None:
-        load_backbone_weights(backbone, checkpoint)
-    return backbone
+        raise UserError(f"timm cannot build model {name!r}: {err}") from None
+    return ViTBackbone(vit)

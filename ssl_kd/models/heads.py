@@ -7,7 +7,6 @@ and a pixel prediction layer; only the masked positions are predicted.
 
 from __future__ import annotations
 
-import torch
 from lightly.models import utils as lightly_utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
 from torch import Tensor, nn
@@ -64,13 +63,7 @@ class MAEDecoder(nn.Module):
         return self.predict(masked)  # only the masked positions are predicted
 
 
-def complement(keep_idx: Tensor, num_patches: int) -> Tensor:
-    """Sorted patch indices not in keep_idx: [B, k] → [B, N - k]."""
-    batch = keep_idx.shape[0]
-    masked = torch.ones(batch, num_patches, dtype=torch.bool, device=keep_idx.device)
-    masked.scatter_(1, keep_idx, False)
-    index = torch.arange(num_patches, device=keep_idx.device).expand(batch, -1)
-    return index[masked].reshape(batch, num_patches - keep_idx.shape[1])
+PROJECTIONS = ("linear", "mlp")
 
 
 def alignment_projection(student_dim: int, teacher_dim: int, kind: str = "linear") -> nn.Module:

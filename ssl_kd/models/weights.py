@@ -14,25 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.errors import UserError, key_list
+from ssl_kd.models.backbone import ViTBackbone
 
 # Keys a backbone never has: classifier heads, MAE's decoder and mask token.
 IGNORED_PREFIXES = ("head.", "decoder_", "mask_token", "fc_norm.")
-# Where each method keeps its backbones inside an ssl_kd training checkpoint.
-RUN_BACKBONE_PREFIX = {
-    ("dino", "teacher"): "teacher.backbone.vit.",
-    ("dino", "student"): "student.backbone.vit.",
-    ("mae", "student"): "student.encoder.vit.",
-    ("dmae", "student"): "student.encoder.vit.",
-}
-# The backbone a method evaluates and exports when no part is asked for.
-DEFAULT_PART = {"dino": "teacher", "mae": "student", "dmae": "student"}
+# A timm ViT's position embedding: it marks where a backbone sits in a run's state dict.
+_MARKER = "vit.pos_embed"
 KNOWN_LAYOUTS = (
     "an ssl_kd checkpoint.pth or export, an official DINO or MAE checkpoint, or a timm state dict"
 )
@@ -67,17 +60,31 @@ def _read(path: Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
                 f"expected {KNOWN_LAYOUTS}"
             ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); it may "
             f"be truncated or not written by torch.save. Expected {KNOWN_LAYOUTS}"
         ) from None
+
+
+def run_backbones(state: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """(part → state-dict prefix, default part) of an ssl_kd training checkpoint.
+
+    The checkpoint declares them (`backbones`, `default_backbone`, written from the method's
+    declaration); older checkpoints are read by where their ViTs sit: `teacher.*` is the
+    teacher, `student.*` the student, and the teacher is the default when there is one.
+    """
+    if "backbones" in state:
+        return dict(state["backbones"]), str(state["default_backbone"])
+    prefixes = sorted(k[: -len("pos_embed")] for k in state["method"] if k.endswith(_MARKER))
+    backbones = {prefix.split(".")[0]: prefix for prefix in prefixes}
+    return backbones, "teacher" if "teacher" in backbones else "student"
 
 
 def _strip(state: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
@@ -105,28 +112,30 @@ def read_backbone_weights(path: str | Path, part: str | None = None) -> Backbone
     if part not in (None, "teacher", "student"):
         raise ValueError(f"part={part!r}: choose 'teacher' or 'student'")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     state = _read(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     config = args = None
     chosen: str | None = None
     if "method" in state and "config" in state:  # an ssl_kd training checkpoint
         config = state["config"]
         method = config["method"]
-        chosen = part or DEFAULT_PART[method]
-        prefix = RUN_BACKBONE_PREFIX.get((method, chosen))
-        if prefix is None:
-            raise ValueError(
-                f"{path} is an ssl_kd {method} run: its frozen teacher is not saved in the run; "
-                "evaluate its student encoder (the default), or load dmae.teacher_checkpoint itself"
+        backbones, default = run_backbones(state)
+        chosen = part or default
+        if chosen not in backbones:
+            raise UserError(
+                f"{path} is an ssl_kd {method} run that saves no {chosen} backbone (it holds: "
+                f"{', '.join(backbones)}); evaluate the {default} (the default), or load the "
+                f"{chosen}'s own file"
             )
+        prefix = backbones[chosen]
         state = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
         layout = f"ssl_kd {method} run checkpoint ({chosen})"
     elif isinstance(state.get("teacher"), dict) or isinstance(state.get("student"), dict):
         chosen = part or "teacher"
         if not isinstance(state.get(chosen), dict):
-            raise ValueError(f"{path} has no {chosen!r} state dict (keys: {sorted(state)})")
+            raise UserError(f"{path} has no {chosen!r} state dict (keys: {sorted(state)})")
         args = state.get("args")
         state = state[chosen]
         layout = f"official DINO checkpoint ({chosen})"
@@ -140,30 +149,19 @@ def read_backbone_weights(path: str | Path, part: str | None = None) -> Backbone
     else:
         layout = "safetensors state dict" if path.suffix == ".safetensors" else "bare state dict"
     if part is not None and chosen is None:
-        raise ValueError(
+        raise UserError(
             f"{path} is a {layout} holding one backbone, so --{part} does not apply; drop it"
         )
     cleaned = _strip(state, ("module.", "backbone."))
     tensors = {k: v for k, v in cleaned.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise ValueError(
+        raise UserError(
             f"{path} ({layout}) holds no backbone tensors (keys: {sorted(cleaned)[:8]}); "
             f"expected {KNOWN_LAYOUTS}"
         )
     ignored = sorted(k for k in tensors if k.startswith(IGNORED_PREFIXES))
     kept = {k: v for k, v in tensors.items() if k not in ignored}
     return BackboneWeights(kept, ignored, layout, chosen, config, args, str(path))
-
-
-def backbone_state_dict(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
-    """(state dict with timm names, keys ignored on purpose) of the backbone a file holds."""
-    weights = read_backbone_weights(path)
-    return weights.state, weights.ignored
-
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = repr(keys[:limit])
-    return shown[:-1] + f", ... and {len(keys) - limit} more]" if len(keys) > limit else shown
 
 
 def fit_problems(
@@ -185,13 +183,14 @@ def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
     """Raises a ValueError naming the file and the missing/unexpected/mis-shaped keys, if any."""
     missing, unexpected, mismatched = fit_problems(backbone, weights)
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise UserError(
             f"{weights.path} ({weights.layout}) does not fit {type(backbone.vit).__name__} "
             f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): "
-            f"missing keys {_short(missing)}, unexpected keys {_short(unexpected)}, "
-            f"shape mismatches {_short(mismatched)}. Check the model name and kwargs (model.name "
-            "/ model.kwargs, --model / --model-kwargs, dmae.teacher_name) against the checkpoint, "
-            "or pass --strict false to load the tensors that fit."
+            f"missing keys [{key_list(missing, 8)}], unexpected keys "
+            f"[{key_list(unexpected, 8)}], shape mismatches [{key_list(mismatched, 8)}]. Check "
+            "the model name and kwargs (model.name / model.kwargs, --model / --model-kwargs, "
+            "dmae.teacher_name) against the checkpoint, or pass --strict false to load the "
+            "tensors that fit."
         )
 
 

@@ -1,0 +1,240 @@
+"""The shared sections of a run config: typed dataclasses, each with the checks its types alone
+cannot make (choices, ranges, files). A method's own section lives in the method's file."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl_kd.errors import ConfigError
+
+DATASETS = ("digits", "imagefolder")
+TRANSFORMS = ("lightly", "batched")
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def check_positive(values: dict[str, float | int]) -> None:
+    for key, value in values.items():
+        if not value > 0:  # NaN fails this too
+            raise ConfigError(f"{key}={value} must be > 0")
+
+
+def check_not_negative(values: dict[str, float | int]) -> None:
+    for key, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+
+
+def check_ratio(key: str, ratio: float | None) -> None:
+    """A fraction of patches a network sees: (0, 1]."""
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise ConfigError(
+            f"{key}={ratio} is impossible: it is the fraction of patches the teacher sees "
+            "and must lie in (0, 1]; use 1.0 for an unmasked teacher"
+        )
+
+
+def check_file(key: str, path: str | None) -> None:
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{key}={path} does not exist (nothing is ever downloaded)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"  # any timm ViT
+    img_size: int = 224  # size of the global crops the position embedding is built for
+    drop_path_rate: float = 0.1  # student only: the EMA teacher runs in eval mode
+    checkpoint: str | None = None  # local file to start from; nothing is ever downloaded
+    # Extra timm.create_model keyword arguments (e.g. patch_size, embed_dim, depth, num_heads).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_positive({"model.img_size": self.img_size})
+        check_file("model.checkpoint", self.checkpoint)
+
+
+@dataclass
+class DataConfig:
+    name: str = "imagefolder"
+    path: str | None = None  # ImageFolder root (class sub-folders) or a flat folder of images
+    transform: str = "lightly"  # lightly's DINOTransform (PIL, per image) or batched (tensors)
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    num_local_views: int = 8  # official DINO: 8 (lightly's DINOTransform defaults to 6)
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    hflip_prob: float = 0.5
+    num_workers: int = 8
+    test_fraction: float = 0.2  # digits only: held-out split for k-NN
+    # An unreadable image: skip (log it once, count it, train on the next readable image in
+    # its place) or error (stop; the last checkpoint is kept).
+    on_error: str = "skip"
+
+    def check(self) -> None:
+        check_choice("data.name", self.name, DATASETS)
+        check_choice("data.transform", self.transform, TRANSFORMS)
+        check_choice("data.on_error", self.on_error, ("skip", "error"))
+        check_positive(
+            {
+                "data.global_crop_size": self.global_crop_size,
+                "data.local_crop_size": self.local_crop_size,
+            }
+        )
+        check_not_negative({"data.num_local_views": self.num_local_views})
+        for key, scale in (
+            ("data.global_crop_scale", self.global_crop_scale),
+            ("data.local_crop_scale", self.local_crop_scale),
+        ):
+            if not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise ConfigError(f"{key}={list(scale)} must satisfy 0 < min <= max <= 1")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction={self.test_fraction} must lie in (0, 1)")
+        if self.name == "imagefolder":
+            if not self.path:
+                raise ConfigError(
+                    "data.path is not set: point it at an ImageFolder root (or a flat image "
+                    "folder), or use data.name=digits for the bundled demo data"
+                )
+            if not Path(self.path).is_dir():
+                raise ConfigError(f"data.path={self.path} is not a folder")
+
+
+@dataclass
+class MaskingConfig:
+    # The fraction of patches the masked network sees; None takes the method's default
+    # (DINO: the teacher, 1.0 = plain DINO; MAE/DMAE: the encoder, 0.25).
+    keep_ratio: float | None = None
+    # attention_topk, random, attention_bottomk or block; None takes the method's default.
+    strategy: str | None = None
+    # Linear schedule of the keep ratio from keep_ratio_start to keep_ratio over the warm-up;
+    # None keeps it constant.
+    keep_ratio_start: float | None = None
+    keep_ratio_warmup_epochs: int = 0
+
+    def check(self) -> None:
+        # Imported here: masking imports torch, and `ssl_kd.config` stays light (the CLI parses
+        # the command line and reads the YAML file before anything imports torch).
+        from ssl_kd.masking import STRATEGIES
+
+        check_choice("masking.strategy", self.strategy, STRATEGIES)
+        check_ratio("masking.keep_ratio", self.keep_ratio)
+        check_ratio("masking.keep_ratio_start", self.keep_ratio_start)
+        check_not_negative({"masking.keep_ratio_warmup_epochs": self.keep_ratio_warmup_epochs})
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4  # base lr for a global batch of 256: lr = lr * batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def check(self) -> None:
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_positive({"optim.lr": self.lr})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64  # per process (per GPU)
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, used on CUDA only
+    device: str = "auto"  # auto, cpu or cuda
+    checkpoint_every_steps: int = 500
+    log_every_steps: int = 10
+    max_steps: int | None = None  # stop early (for smoke runs); schedules still span all epochs
+    # Numbered copies checkpoint-<step>.pth kept beside checkpoint.pth (the oldest pruned);
+    # 0 keeps none. A run always resumes from checkpoint.pth.
+    keep_checkpoints: int = 2
+    # A NaN/Inf loss: stop (nothing saved; the last checkpoint is kept) or skip the step (no
+    # update, the method's buffers restored), at most max_skipped_steps times.
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    # Test hook: the input of these steps is set to NaN, so that the loss is NaN for real.
+    debug_nan_at_steps: list[int] = field(default_factory=list)
+
+    def check(self) -> None:
+        check_choice("train.device", self.device, DEVICES)
+        check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        check_positive(
+            {
+                "train.epochs": self.epochs,
+                "train.batch_size": self.batch_size,
+                "train.log_every_steps": self.log_every_steps,
+                "train.checkpoint_every_steps": self.checkpoint_every_steps,
+            }
+        )
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be > 0 (or null)")
+        check_not_negative(
+            {
+                "train.keep_checkpoints": self.keep_checkpoints,
+                "train.max_skipped_steps": self.max_skipped_steps,
+            }
+        )
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 0  # 0: only at the end (if knn_at_end)
+    knn_at_end: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_random_init: bool = False  # also score the untrained backbone (a baseline)
+    batch_size: int = 256
+    # Labelled ImageFolders for k-NN with data.name=imagefolder (digits has its own split).
+    knn_train_path: str | None = None
+    knn_val_path: str | None = None
+    # Pictures of what the method does (DINO: attention and the masked teacher's input; MAE:
+    # reconstructions) to TensorBoard every N steps; 0: never.
+    pictures_every_steps: int = 0
+
+    def check(self) -> None:
+        if self.pictures_every_steps < 0:
+            raise ConfigError(
+                f"eval.pictures_every_steps={self.pictures_every_steps} must be >= 0 (0: never)"
+            )
+        check_not_negative({"eval.knn_every_epochs": self.knn_every_epochs})
+        if not math.isfinite(self.knn_temperature) or self.knn_temperature <= 0:
+            raise ConfigError(f"eval.knn_temperature={self.knn_temperature} must be > 0")
+
+
+@dataclass
+class Config:
+    """A run: the method's name, the shared sections and every method's own section."""
+
+    method: str = "dino"
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Method sections by config key (`dino`, `dmae`, ...): the typed dataclasses the registered
+    # methods declare. In YAML each is a top-level key like the shared sections.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, key: str) -> Any:
+        """The typed section a method declared under `key`."""
+        return self.sections[key]
+
+    def check(self) -> None:
+        """Every shared section's own checks."""
+        for part in (self.model, self.data, self.masking, self.optim, self.train, self.eval):
+            part.check()
+
+
+SHARED_SECTIONS = ("model", "data", "masking", "optim", "train", "eval")
