@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ssl_kd.models.backbone import gather_patches, load_backbone_weights
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import CheckpointStore, load_checkpoint
 from ssl_kd.engine.trainer import Trainer, train
-from tests.conftest import tiny_config, tiny_overrides
+from tests.helpers import tiny_config, tiny_overrides
 
 
 def truncate(path, keep=0.5):

@@ -1,14 +1,10 @@
 """Every bad config or argument stops a real `ssl-kd` process before any work: one line on
 stderr, exit status 2, no traceback; `--debug` shows the traceback."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.helpers import run_cli, run_python, tiny_overrides
 
 CASES = {
     "unknown key": (["train.epochz=3"], {}, "Did you mean 'train.epochs'?"),
@@ -44,13 +40,7 @@ CASES = {
 
 
 def ssl_kd(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "ssl_kd.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
+    return run_cli(*args, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -90,7 +80,7 @@ def test_config_errors_come_before_torch_is_imported(tmp_path):
         "assert 'torch' not in sys.modules, 'torch imported before the config was checked'\n"
         "sys.exit(code)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_python(code, timeout=None)
     assert result.returncode == 2, result.stderr
     assert torch  # the test process itself may import torch
 

@@ -1,10 +1,8 @@
-import subprocess
-import sys
-
 import pytest
 
 from ssl_kd.cli import main
 from ssl_kd.config import ConfigError, load_config, to_yaml
+from tests.helpers import run_cli
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -69,9 +67,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_kd.cli", "train", "nope.yaml"], capture_output=True, text=True
-    )
+    result = run_cli("train", "nope.yaml", timeout=None)
     assert result.returncode == 2
     assert "config file nope.yaml does not exist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,18 +12,9 @@ from ssl_kd.data import (
 )
 from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.engine.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config, write_digit_folder
 
 SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
-
-
-def write_digit_folder(root, per_class=4):
-    images, labels, _, _ = digits(0)
-    for c in range(3):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i, index in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
-            array = (images[index].permute(1, 2, 0) * 255).byte().numpy()
-            Image.fromarray(array).save(root / f"class_{c}" / f"{i}.png")
 
 
 def test_digits_split_is_fixed_by_seed_and_stratified():

@@ -8,7 +8,7 @@ from ssl_kd.config import DinoConfig, MaskingConfig
 from ssl_kd.masking import select
 from ssl_kd.methods.base import StepState, clip_gradients_per_parameter
 from ssl_kd.methods.dino import DINO
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 SMALL_HEAD = {"out_dim": 50, "hidden_dim": 32, "bottleneck_dim": 16}
 

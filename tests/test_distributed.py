@@ -15,9 +15,6 @@ random masking; DMAE with random masking (its only strategy).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,7 @@ import torch
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.distributed import DistContext
 from ssl_kd.engine.trainer import train
-from tests.conftest import tiny_overrides
-from tests.test_dmae import official_mae_state, teacher_backbone
+from tests.helpers import official_mae_state, run_cli, teacher_backbone, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -42,12 +38,11 @@ def torchrun(overrides: list[str], nproc: int = 2, timeout: float = 180) -> None
     """`torchrun --standalone --nproc-per-node N -m ssl_kd.cli train` (the documented command)."""
     config = Path(overrides[0].split("=", 1)[1]).with_suffix(".yaml")  # beside output_dir
     config.write_text("method: dino\n")  # everything else is in the overrides
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "ssl_kd.cli", "train", str(config), *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    result = run_cli(
+        "train", str(config), *overrides,
+        env={"OMP_NUM_THREADS": "1"}, timeout=timeout, launcher=launcher,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -128,7 +123,7 @@ def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
 
     from ssl_kd.engine import distributed
     from ssl_kd.engine.build import build_method
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     method = build_method(tiny_config(tmp_path))
     keys = list(method.state_dict())
@@ -149,7 +144,7 @@ def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
 
 def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
     from ssl_kd.engine.streams import build_train_stream
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config(tmp_path, **{"train.batch_size": 1000})
     build_train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process

@@ -10,13 +10,9 @@ from ssl_kd.methods.base import StepState
 from ssl_kd.methods.dmae import DMAE
 from ssl_kd.models.backbone import load_backbone_weights
 from ssl_kd.models.heads import complement
-from tests.conftest import tiny_backbone, tiny_config
+from tests.helpers import official_mae_state, teacher_backbone, tiny_backbone, tiny_config
 
 DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
-
-
-def teacher_backbone():
-    return tiny_backbone(embed_dim=96, depth=4, num_heads=3)
 
 
 def make_dmae(teacher_keep_ratio=1.0, pairs=((1, 2),), keep_ratio=0.25):
@@ -138,14 +134,6 @@ def test_teacher_is_not_trained_or_saved():
     assert not any(id(p) in trainable for p in dmae.teacher.parameters())
     dmae.train()
     assert not dmae.teacher.training
-
-
-def official_mae_state(backbone):
-    state = {k: v.clone() for k, v in backbone.vit.state_dict().items()}
-    state["mask_token"] = torch.zeros(1, 1, 32)
-    state["decoder_embed.weight"] = torch.zeros(32, backbone.embed_dim)
-    state["decoder_pred.bias"] = torch.zeros(48)
-    return {"model": state, "optimizer": {}, "epoch": 799}
 
 
 def test_loads_the_official_mae_layout_and_names_mismatches(tmp_path):

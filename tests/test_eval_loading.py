@@ -8,7 +8,7 @@ from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
 from ssl_kd.evaluation.loading import architecture_from_args, load_backbone
 from ssl_kd.models.export import export_backbone
-from tests.conftest import TINY_VIT, tiny_backbone, tiny_config
+from tests.helpers import TINY_VIT, tiny_backbone, tiny_config
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", str(TINY_VIT)]
 IMAGES = torch.randn(2, 3, 32, 32)

@@ -7,7 +7,7 @@ from ssl_kd.engine.build import build_backbone
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
 from ssl_kd.models.backbone import load_backbone_weights
-from tests.conftest import TINY_VIT, tiny_config
+from tests.helpers import TINY_VIT, tiny_config
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

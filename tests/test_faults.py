@@ -2,10 +2,7 @@
 mid-save, a NaN loss, corrupt images in an ImageFolder."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,19 +14,9 @@ from ssl_kd.data import DataError
 from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
 from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.engine.trainer import train
-from tests.conftest import tiny_config, tiny_overrides
-from tests.test_data import write_digit_folder
+from tests.helpers import start_cli, tiny_config, tiny_overrides, write_digit_folder
 
-
-def run_cli(args, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ssl_kd.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+THREADS = {"OMP_NUM_THREADS": "2"}
 
 
 def empty_yaml(tmp_path):
@@ -60,14 +47,14 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_
     run = tmp_path / "killed"
     args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
     # The 2nd save (step 4) dies after its temporary file is complete, before the rename.
-    killed = run_cli(args, {KILL_IN_SAVE_ENV: "2"})
+    killed = start_cli(*args, env={**THREADS, KILL_IN_SAVE_ENV: "2"})
     killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert load_checkpoint(run / "checkpoint.pth")["step"] == 2  # the previous one, intact
     stale = list(run.glob(".checkpoint.pth.tmp-*"))
     assert len(stale) == 1 and load_checkpoint(stale[0])["step"] == 4  # never renamed
 
-    resumed = run_cli(args)  # the same command
+    resumed = start_cli(*args, env=THREADS)  # the same command
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from" in out and "at step 2" in out
@@ -95,7 +82,7 @@ def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, 
 
     run = tmp_path / "killed"
     args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
-    process = run_cli(args)
+    process = start_cli(*args, env=THREADS)
     logged = run / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:  # kill between checkpoints: after step 5 is logged
@@ -110,7 +97,7 @@ def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, 
     saved = load_checkpoint(run / "checkpoint.pth")["step"]
     assert 3 <= saved < 12 and saved % 3 == 0  # mid-epoch (44 steps per epoch)
 
-    resumed = run_cli(args)
+    resumed = start_cli(*args, env=THREADS)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"at step {saved}" in out

@@ -4,7 +4,7 @@ import pytest
 
 from ssl_kd.cli import main
 from ssl_kd.flops import cost_report, forward_macs
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 # MaskedKD (arXiv:2302.10494) Table 5: DINO ViT-S teacher PFLOPs at each keep ratio, 589 full.
 TABLE_5 = {0.87: 507 / 589, 0.77: 446 / 589, 0.66: 384 / 589, 0.61: 354 / 589}

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from ssl_kd.evaluation.data import eval_splits
 from ssl_kd.evaluation.knn import DINO_KS, evaluate_knn, extract_features, knn_classify
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 
 def brute_force_knn(train, train_labels, test, k, temperature, num_classes):
@@ -78,7 +78,7 @@ def test_cli_on_an_imagefolder_with_train_and_val(tmp_path, capsys):
     from PIL import Image
 
     from ssl_kd.cli import main
-    from tests.conftest import TINY_VIT
+    from tests.helpers import TINY_VIT
 
     generator = torch.Generator().manual_seed(0)
     for split, count in (("train", 6), ("val", 3)):

@@ -11,7 +11,7 @@ from ssl_kd.cli import main
 from ssl_kd.config import ConfigError
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.launch import SlurmOptions, TrainJob, executor_parameters
-from tests.conftest import tiny_config, tiny_overrides
+from tests.helpers import tiny_config, tiny_overrides
 
 
 def test_one_task_per_gpu_and_the_slurm_options():

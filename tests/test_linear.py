@@ -11,7 +11,7 @@ from ssl_kd.evaluation.data import eval_splits
 from ssl_kd.evaluation.features import FeatureSpec, backbone_features
 from ssl_kd.evaluation.lars import LARS
 from ssl_kd.evaluation.linear import LinearProbeConfig, linear_head, linear_probe, train_head
-from tests.conftest import tiny_backbone, tiny_config
+from tests.helpers import tiny_backbone, tiny_config
 
 
 def separable(centres, n, generator):

@@ -16,7 +16,7 @@ from ssl_kd.evaluation.pictures import (
 )
 from ssl_kd.masking import num_kept, select
 from ssl_kd.visualize import DROPPED_BRIGHTNESS, RAMP, colormap, teacher_view, upsample_patches
-from tests.conftest import tiny_backbone, tiny_config
+from tests.helpers import tiny_backbone, tiny_config
 
 
 def test_colormap_ends_and_upsampling_to_patch_squares():

@@ -6,7 +6,7 @@ from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.rundir import trim_metrics
 from ssl_kd.engine.trainer import train
-from tests.conftest import tiny_config, tiny_overrides
+from tests.helpers import tiny_config, tiny_overrides
 
 
 def args(tmp_path, run, *extra):

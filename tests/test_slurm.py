@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,13 +15,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_kd.engine.checkpoint import load_checkpoint
-from tests.conftest import tiny_overrides
+from tests.helpers import REPO, run_cli, tiny_overrides
 from tests.slurm_cluster import LocalSlurm
 
 pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parents[1]
-SSL_KD = [sys.executable, "-m", "ssl_kd.cli"]
 
 
 def submit(cluster: LocalSlurm, output_dir: Path, **values: object) -> str:
@@ -30,12 +26,12 @@ def submit(cluster: LocalSlurm, output_dir: Path, **values: object) -> str:
     config = output_dir.with_suffix(".yaml")
     config.write_text("method: dino\n")
     overrides = tiny_overrides(output_dir, **{"model.drop_path_rate": 0.0, **values})
-    command = [
-        *SSL_KD, "submit", str(config), *overrides, "--gpus-per-node", "0",
+    args = [
+        "submit", str(config), *overrides, "--gpus-per-node", "0",
         "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", cluster.partition,
         "--timeout-min", "20",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=cluster.env, cwd=REPO)
+    result = run_cli(*args, env=cluster.env, timeout=None, cwd=REPO)
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"job id: (\d+)", result.stdout)
     assert job_id, result.stdout

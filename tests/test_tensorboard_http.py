@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ssl_kd.engine.trainer import train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ssl_kd.engine.checkpoint import load_checkpoint, save_atomic
 from ssl_kd.engine.trainer import Trainer, train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_resumed_run_continues_exactly(tmp_path):

@@ -1,0 +1,158 @@
+"""Shared test helpers (not fixtures, those live in conftest.py): tiny ViTs and configs, a
+digits image folder, an MAE teacher checkpoint, and the one way tests start `ssl-kd` processes.
+
+Test modules import shared code from here only, never from another test module or conftest.py
+(tests/test_layout.py checks this).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_kd.config import Config, load_config
+from ssl_kd.models.backbone import ViTBackbone, create_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+# --- tiny models and configs ----------------------------------------------------------------
+def tiny_backbone(img_size: int = 32, **overrides) -> ViTBackbone:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return create_backbone("vit_tiny_patch16_224", img_size, **{**TINY_VIT, **overrides})
+
+
+def tiny_overrides(output_dir: Path, **extra: object) -> list[str]:
+    values: dict[str, object] = {
+        "output_dir": str(output_dir),
+        "model.name": "vit_tiny_patch16_224",
+        "model.img_size": 32,
+        "model.kwargs": "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
+        "data.name": "digits",
+        "data.transform": "batched",
+        "data.global_crop_size": 32,
+        "data.local_crop_size": 16,
+        "data.num_local_views": 2,
+        "dino.out_dim": 128,
+        "dino.hidden_dim": 64,
+        "dino.bottleneck_dim": 32,
+        "masking.keep_ratio": 0.5,
+        "optim.warmup_epochs": 1,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.log_every_steps": 2,
+        "train.checkpoint_every_steps": 1000,
+        "train.max_steps": 6,
+        "eval.knn_at_end": False,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def tiny_config(output_dir: Path, **extra: object) -> Config:
+    return load_config(None, tiny_overrides(output_dir, **extra))
+
+
+# --- data and teacher files -----------------------------------------------------------------
+def write_digit_folder(root, per_class=4):  # type: ignore[no-untyped-def]
+    """An ImageFolder of digits PNGs: `per_class` images in each of class_0 .. class_2."""
+    from PIL import Image
+
+    from ssl_kd.data import digits
+
+    images, labels, _, _ = digits(0)
+    for c in range(3):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i, index in enumerate((labels == c).nonzero().flatten()[:per_class].tolist()):
+            array = (images[index].permute(1, 2, 0) * 255).byte().numpy()
+            Image.fromarray(array).save(root / f"class_{c}" / f"{i}.png")
+
+
+def teacher_backbone() -> ViTBackbone:
+    """The tiny MAE teacher of the DMAE tests: wider and deeper than `tiny_backbone()`."""
+    return tiny_backbone(embed_dim=96, depth=4, num_heads=3)
+
+
+def official_mae_state(backbone: ViTBackbone) -> dict[str, Any]:
+    """A checkpoint laid out as the official MAE release's (`model` with decoder keys)."""
+    state = {k: v.clone() for k, v in backbone.vit.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 1, 32)
+    state["decoder_embed.weight"] = torch.zeros(32, backbone.embed_dim)
+    state["decoder_pred.bias"] = torch.zeros(48)
+    return {"model": state, "optimizer": {}, "epoch": 799}
+
+
+# --- real `ssl-kd` processes ----------------------------------------------------------------
+def _cli_command(args: Sequence[str], launcher: Sequence[str]) -> list[str]:
+    return [sys.executable, *launcher, "-m", "ssl_kd.cli", *map(str, args)]
+
+
+def _checkout_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """os.environ + `env`, with this checkout first on PYTHONPATH so that the process (and
+    every process it starts) imports this checkout's ssl_kd, whatever is installed."""
+    merged = {**os.environ, **(env or {})}
+    rest = merged.get("PYTHONPATH")
+    merged["PYTHONPATH"] = os.pathsep.join([str(REPO), *([rest] if rest else [])])
+    return merged
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 300,
+    cwd: str | os.PathLike[str] | None = None,
+    launcher: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python [launcher...] -m ssl_kd.cli *args` to its end; text output captured.
+
+    The environment is os.environ + `env`, with this checkout first on PYTHONPATH. `launcher`
+    goes between the interpreter and `-m ssl_kd.cli`, e.g. ("-m", "torch.distributed.run",
+    "--standalone", "--nproc-per-node=2") for torchrun.
+    """
+    return subprocess.run(
+        _cli_command(args, launcher),
+        capture_output=True,
+        text=True,
+        env=_checkout_env(env),
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def start_cli(
+    *args: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[str]:
+    """Starts `python -m ssl_kd.cli *args` and returns at once, for tests that signal or kill
+    the running process; stdout and stderr are text pipes (read them with communicate())."""
+    return subprocess.Popen(
+        _cli_command(args, ()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_checkout_env(env),
+        cwd=cwd,
+    )
+
+
+def run_python(
+    code: str, env: Mapping[str, str] | None = None, timeout: float | None = 300
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -c code` in a fresh interpreter that imports this checkout's ssl_kd, for
+    checks of what a process does from its start (e.g. which modules `ssl-kd` imports)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_checkout_env(env),
+        timeout=timeout,
+    )
