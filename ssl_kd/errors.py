@@ -32,7 +32,12 @@ class NonFiniteLoss(RunFailed, FloatingPointError):
     """The loss became NaN or Inf (train.on_nonfinite says what happens then)."""
 
 
-def key_list(keys: Sequence[str], limit: int = 6) -> str:
-    """`a, b, c and 4 more` (`none` when empty): key lists in messages, cut to `limit` names."""
+def key_list(keys: Sequence[str], limit: int = 6, *, quoted: bool = False) -> str:
+    """`a, b, c and 4 more` (`none` when empty): key lists in messages, cut to `limit` names.
+
+    `quoted`: as a Python list, `['a', 'b', ... and 4 more]` (`[]` when empty).
+    """
+    if quoted:
+        return f"[{key_list([repr(key) for key in keys], limit)}]" if keys else "[]"
     shown = ", ".join(str(key) for key in keys[:limit]) or "none"
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

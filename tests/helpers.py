@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from ssl_kd.config import Config, load_config
+from ssl_kd.config import Config
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from ssl_kd.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ssl_kd.models.backbone import gather_patches, load_backbone_weights
+from ssl_kd.masking import gather_patches
+from ssl_kd.models.weights import load_backbone_weights
 from tests.helpers import tiny_backbone
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_kd.config import load_config
 from ssl_kd.evaluation.data import eval_splits
 from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept
 from ssl_kd.models.backbone import create_backbone
+from ssl_kd.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,9 @@ def test_every_study_recipe_is_a_valid_config(tmp_path: Path) -> None:
             if row.name.startswith("DINO"):
                 assert cfg.data.global_crop_size == 16 and cfg.method == "dino"
             if row.name.startswith("DMAE"):
-                assert cfg.method == "dmae" and cfg.dmae.teacher_checkpoint == str(teacher)
+                assert cfg.method == "dmae" and cfg.section("dmae").teacher_checkpoint == str(
+                    teacher
+                )
     assert len(dirs) == len(learning.ROWS) + 1  # one run dir per row, shared by both modes
 
 

@@ -1,7 +1,8 @@
 import pytest
 
 from ssl_kd.cli import main
-from ssl_kd.config import ConfigError, load_config, to_yaml
+from ssl_kd.config import ConfigError, to_yaml
+from ssl_kd.run_config import load_config
 from tests.helpers import run_cli
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ssl_kd.config import load_config
 from ssl_kd.engine.trainer import train
+from ssl_kd.run_config import load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

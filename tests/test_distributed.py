@@ -79,7 +79,7 @@ def run_both(tmp_path: Path, **values: object) -> tuple[Path, Path]:
     }  # fmt: skip
     single, pair = tmp_path / "single", tmp_path / "pair"
     train_single = tiny_overrides(single, **common, **{"train.batch_size": 2 * PER_RANK_BATCH})
-    from ssl_kd.config import load_config
+    from ssl_kd.run_config import load_config
 
     train(load_config(None, train_single))
     torchrun(tiny_overrides(pair, **common, **{"train.batch_size": PER_RANK_BATCH}))
@@ -131,13 +131,13 @@ def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         method.wrap_trainable(lambda module: distributed.wrap_ddp(module, DistContext()))
-        wrapper = method._student_call
+        wrapper = method.student_call
         assert isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
         assert wrapper.module is method.student
         wrapped = {id(p) for p in wrapper.parameters()}
         assert wrapped == {id(p) for p in method.student.parameters()}
         assert not wrapped & {id(p) for p in method.teacher.parameters()}
-        assert list(method.state_dict()) == keys  # no `module.` copy, no `_student_call.`
+        assert list(method.state_dict()) == keys  # no `module.` copy, no wrapper copy
     finally:
         dist.destroy_process_group()
 

@@ -2,14 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_kd.config import DmaeConfig, MaskingConfig
+from ssl_kd.config import MaskingConfig
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import Trainer, train
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
+from ssl_kd.masking import complement
 from ssl_kd.methods.base import StepState
-from ssl_kd.methods.dmae import DMAE
-from ssl_kd.models.backbone import load_backbone_weights
-from ssl_kd.models.heads import complement
+from ssl_kd.methods.dmae import DMAE, DmaeConfig
+from ssl_kd.models.weights import load_backbone_weights
 from tests.helpers import official_mae_state, teacher_backbone, tiny_backbone, tiny_config
 
 DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
@@ -47,13 +47,15 @@ def test_teacher_sees_the_visible_patches_and_runs_j_plus_one_blocks(keep_ratio,
     encoder_calls = []
     dmae.student.encoder.register_forward_hook(lambda m, args, out: encoder_calls.append(args[1]))
     calls, _, _ = spy_on_teacher(dmae)
-    out = dmae([torch.randn(4, 3, 32, 32)], StepState(0, 0, {}, torch.Generator().manual_seed(0)))
+    out = dmae([torch.randn(4, 3, 32, 32)], StepState(0, 0, torch.Generator().manual_seed(0)))
     student_keep = encoder_calls[0]
     assert student_keep.shape == (4, visible)  # 25% (or 5%) of 64 patches
     assert torch.equal(calls[0][0], student_keep)
     assert calls[0][2] == [0, 1, 2]  # blocks 0..j for j = 2; block 3 never ran
-    assert out["teacher_macs"] < out["teacher_macs_unmasked"]
-    assert out["loss"].item() == pytest.approx(out["recon_loss"] + out["distill_loss"], rel=1e-5)
+    assert out.teacher_macs < out.teacher_macs_unmasked
+    assert out.loss.item() == pytest.approx(
+        out.metrics["recon_loss"] + out.metrics["distill_loss"], rel=1e-5
+    )
 
 
 def test_alignment_loss_equals_the_formula():
@@ -73,7 +75,7 @@ def test_distillation_term_matches_the_formula_inside_the_method():
     dmae = make_dmae().eval()
     images = torch.randn(2, 3, 32, 32)
     generator = torch.Generator().manual_seed(1)
-    out = dmae([images], StepState(0, 0, {}, generator))
+    out = dmae([images], StepState(0, 0, generator))
     keep_idx = __import__("ssl_kd.masking", fromlist=["select"]).select(
         None, 16, "random", num_patches=64, batch_size=2, generator=torch.Generator().manual_seed(1)
     )
@@ -82,16 +84,16 @@ def test_distillation_term_matches_the_formula_inside_the_method():
     expected = F.l1_loss(
         F.normalize(dmae.student.projections[0](student), dim=-1), F.normalize(teacher, dim=-1)
     )
-    assert out["distill_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out.metrics["distill_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_teacher_keep_ratio_restricts_teacher_and_loss_to_top_tokens():
     dmae = make_dmae(teacher_keep_ratio=0.5).eval()
     calls, _, _ = spy_on_teacher(dmae)
     images = torch.randn(2, 3, 32, 32)
-    out = dmae([images], StepState(0, 0, {}, torch.Generator().manual_seed(2)))
+    out = dmae([images], StepState(0, 0, torch.Generator().manual_seed(2)))
     teacher_idx = calls[0][0]
-    assert teacher_idx.shape == (2, 8) and out["teacher_tokens_kept"] == 9
+    assert teacher_idx.shape == (2, 8) and out.metrics["teacher_tokens_kept"] == 9
     # those 8 are the visible patches with the highest student [CLS] attention
     keep_idx = __import__("ssl_kd.masking", fromlist=["select"]).select(
         None, 16, "random", num_patches=64, batch_size=2, generator=torch.Generator().manual_seed(2)
@@ -108,7 +110,7 @@ def test_teacher_keep_ratio_restricts_teacher_and_loss_to_top_tokens():
     )
     teacher = dmae.teacher(images, teacher_idx, stop_after_block=2).tokens
     expected = feature_alignment_loss(dmae.student.projections[0](student), teacher)
-    assert out["distill_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out.metrics["distill_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_mae_pixel_loss_formula():

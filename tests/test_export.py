@@ -6,7 +6,7 @@ from ssl_kd.cli import main
 from ssl_kd.engine.build import build_backbone
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
-from ssl_kd.models.backbone import load_backbone_weights
+from ssl_kd.models.weights import load_backbone_weights
 from tests.helpers import TINY_VIT, tiny_config
 
 

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def worker(steps: int, warmup: int, batch: int, output_dir: str) -> None:
     """One rank (started by torchrun): trains warmup + steps and prints rank 0's timing."""
-    from ssl_kd.config import load_config
     from ssl_kd.engine import distributed
     from ssl_kd.engine.trainer import Trainer
+    from ssl_kd.run_config import load_config
 
     ctx = distributed.init("cpu")
     overrides = [

@@ -126,8 +126,8 @@ class SslKdStep:
     def __init__(
         self, keep_ratio: float, batch: int, output_dir: str, overrides: Sequence[str] = ()
     ) -> None:
-        from ssl_kd.config import load_config
         from ssl_kd.engine.trainer import Trainer
+        from ssl_kd.run_config import load_config
 
         overrides = [
             f"output_dir={output_dir}", "data.name=digits", "data.transform=batched",
@@ -154,10 +154,14 @@ class SslKdStep:
         return out
 
     def __call__(self, views: list[Tensor]) -> None:
+        totals = self.trainer.totals
+        before = dict(totals)
         metrics = self.trainer.train_step(views)
         self.last_loss = metrics["dino_loss"]
-        self.teacher_macs = metrics["teacher_macs"]
-        self.teacher_macs_unmasked = metrics["teacher_macs_unmasked"]
+        self.teacher_macs = totals["teacher_macs"] - before["teacher_macs"]
+        self.teacher_macs_unmasked = (
+            totals["teacher_macs_unmasked"] - before["teacher_macs_unmasked"]
+        )
 
 
 def make_views(batch: int) -> list[Tensor]:

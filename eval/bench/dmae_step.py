@@ -21,11 +21,12 @@ import time
 
 import torch
 
-from ssl_kd.config import DmaeConfig, MaskingConfig
+from ssl_kd.config import MaskingConfig
+from ssl_kd.masking import complement
 from ssl_kd.methods.base import StepState
-from ssl_kd.methods.dmae import DMAE
+from ssl_kd.methods.dmae import DMAE, DmaeConfig
 from ssl_kd.models.backbone import create_backbone
-from ssl_kd.models.heads import MAEDecoder, complement
+from ssl_kd.models.heads import MAEDecoder
 
 
 class TimedTeacher:
@@ -66,9 +67,9 @@ def build(
 def step(dmae: DMAE, timer: TimedTeacher, optimizer, images, index: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     timer.seconds = 0.0
     start = time.perf_counter()
-    out = dmae([images], StepState(index, 0, {}, torch.Generator().manual_seed(index)))
+    out = dmae([images], StepState(index, 0, torch.Generator().manual_seed(index)))
     optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    out.loss.backward()
     optimizer.step()
     return time.perf_counter() - start, timer.seconds
 

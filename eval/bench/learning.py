@@ -126,10 +126,10 @@ def evaluate(backbone: Any, protocol: str, seed: int, quick: bool) -> dict[str, 
 
 
 def run_one(row: Row, seed: int, mode: str, workdir: Path, teacher_ckpt: Path) -> dict[str, Any]:
-    from ssl_kd.config import load_config
     from ssl_kd.engine.build import build_backbone
     from ssl_kd.engine.trainer import train
     from ssl_kd.evaluation.loading import load_backbone
+    from ssl_kd.run_config import load_config
 
     cfg = load_config(
         REPO / "configs" / row.config, overrides_of(row, seed, mode, workdir, teacher_ckpt)

@@ -65,7 +65,9 @@ class NonFiniteGuard:
         if math.isfinite(loss):
             return False
         values = ", ".join(
-            f"{name}={float(value):.4g}" for name, value in terms.items() if name.endswith("loss")
+            f"{name}={float(value):.4g}"
+            for name, value in terms.items()
+            if name.endswith("loss") and name != "loss"  # the terms, not their total
         )
         where = f"loss is {loss} at step {step} (epoch {epoch}; terms: {values or 'none'})"
         if self.policy == "skip" and len(self.skipped_steps) < self.max_skipped:

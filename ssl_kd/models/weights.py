@@ -186,8 +186,9 @@ def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
         raise UserError(
             f"{weights.path} ({weights.layout}) does not fit {type(backbone.vit).__name__} "
             f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): "
-            f"missing keys [{key_list(missing, 8)}], unexpected keys "
-            f"[{key_list(unexpected, 8)}], shape mismatches [{key_list(mismatched, 8)}]. Check "
+            f"missing keys {key_list(missing, 8, quoted=True)}, unexpected keys "
+            f"{key_list(unexpected, 8, quoted=True)}, shape mismatches "
+            f"{key_list(mismatched, 8, quoted=True)}. Check "
             "the model name and kwargs (model.name / model.kwargs, --model / --model-kwargs, "
             "dmae.teacher_name) against the checkpoint, or pass --strict false to load the "
             "tensors that fit."
