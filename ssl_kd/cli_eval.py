@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,12 @@ def _linear(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
     out = _output_dir(args, args.checkpoint) / f"linear_{args.protocol}"
+    # A probe rerun into this folder replaces the earlier curves: its epochs restart at 1, and
+    # TensorBoard would show both runs' events as one run (every epoch twice). Removing them up
+    # front (not after) keeps the curves live while it trains, and a rerun stopped half-way
+    # leaves its own epochs only, never a mix.
+    if (out / "tb").is_dir():
+        shutil.rmtree(out / "tb")
     writer = SummaryWriter(str(out / "tb"))
 
     def log(epoch: int, values: dict[str, float]) -> None:

@@ -19,13 +19,22 @@ from torch.utils.tensorboard import SummaryWriter
 class RunLogger:
     """TensorBoard, metrics.jsonl and console on rank 0; a log file per rank."""
 
-    def __init__(self, output_dir: str | Path, rank: int = 0) -> None:
+    def __init__(
+        self, output_dir: str | Path, rank: int = 0, purge_step: int | None = None
+    ) -> None:
+        """`purge_step`: a resumed run's checkpoint step. TensorBoard then hides every event an
+        earlier process logged at a later step (a killed run's unsaved steps, which this run
+        logs again, like `trim_metrics` does for metrics.jsonl). SummaryWriter's own purge_step
+        hides steps >= its value, hence + 1: the checkpoint's step was logged before the save."""
         self.rank = rank
         self.enabled = enabled = rank == 0
         self.output_dir = Path(output_dir)
         (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._rank_log = open(self.output_dir / "logs" / f"rank{rank}.log", "a")  # noqa: SIM115
-        self.writer = SummaryWriter(str(self.output_dir / "tb")) if enabled else None
+        tb_purge = None if purge_step is None else purge_step + 1
+        self.writer = (
+            SummaryWriter(str(self.output_dir / "tb"), purge_step=tb_purge) if enabled else None
+        )
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self._start = time.perf_counter()
 
@@ -35,6 +44,9 @@ class RunLogger:
         assert self.writer is not None and self._jsonl is not None
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+        # SummaryWriter queues events for a background thread: out now, so that a kill loses
+        # none a checkpoint (or this metrics.jsonl line) covers.
+        self.writer.flush()
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
 
@@ -42,6 +54,7 @@ class RunLogger:
         if self.writer is not None:
             for tag, image in images.items():
                 self.writer.add_image(tag, image, step)
+            self.writer.flush()
 
     def console(self, message: str, all_ranks: bool = False) -> None:
         """Prints on rank 0 (on every rank with `all_ranks`); always goes to the rank's log."""

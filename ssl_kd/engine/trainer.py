@@ -250,13 +250,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        logger = RunLogger(self.output_dir, rank=self.rank)
+        resumed = self.resume()  # before the logger: TensorBoard hides steps after the checkpoint
+        logger = RunLogger(self.output_dir, self.rank, purge_step=self.step if resumed else None)
         logger.console(
             f"rank {self.rank}/{self.world_size} on {self.device}: batch {cfg.train.batch_size} "
             f"per process, {cfg.train.batch_size * self.world_size} in all",
             all_ranks=True,
         )
-        resumed = self.resume()
         if resumed:
             logger.console(f"resumed from {self.resumed_from} at step {self.step}")
         elif cfg.eval.knn_random_init and "knn_top1_random_init" not in self.results:
