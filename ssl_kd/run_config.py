@@ -53,7 +53,9 @@ def check(cfg: Config) -> None:
     """Fills the method's defaults, then every check: shared sections, the method's own, and
     those that combine sections (crops against the patch size, the batch against the data)."""
     from ssl_kd.data import Views, check_batch
+    from ssl_kd.methods import DEFAULT_METHOD
 
+    cfg.method = cfg.method or DEFAULT_METHOD
     method = _method(cfg.method)
     method.resolve_defaults(cfg)
     cfg.check()

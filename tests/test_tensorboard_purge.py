@@ -5,10 +5,8 @@ the way TensorBoard's Python loader reads them (EventAccumulator, which applies 
 
 import itertools
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
-from tests.conftest import tiny_config, tiny_overrides
+from tests.helpers import start_cli, tiny_config, tiny_overrides
 
 KEEP_ALL = {event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
 
@@ -48,14 +46,7 @@ def not_increasing(steps: dict[str, list[int]]) -> dict[str, list[int]]:
 
 
 def start_train(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ssl_kd.cli", "train", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return start_cli("train", *args, env={"OMP_NUM_THREADS": "2"})
 
 
 @pytest.mark.slow

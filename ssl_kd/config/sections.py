@@ -215,7 +215,7 @@ class EvalConfig:
 class Config:
     """A run: the method's name, the shared sections and every method's own section."""
 
-    method: str = "dino"
+    method: str = ""  # a registered method's name; empty: the default method (DINO)
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -27,15 +27,17 @@ from ssl_kd.evaluation.lars import LARS
 from ssl_kd.models.backbone import ViTBackbone
 from ssl_kd.schedules import cosine_schedule
 
-PROTOCOLS = ("dino", "mae")
+# The two linear-probe protocols, named after the papers that define them.
+DINO_PROTOCOL, MAE_PROTOCOL = "dino", "mae"
+PROTOCOLS = (DINO_PROTOCOL, MAE_PROTOCOL)
 REPORTS = ("last", "best")
-BASE_LR = {"dino": 1e-3, "mae": 0.1}  # per 256 images
-WARMUP_EPOCHS = {"dino": 0, "mae": 10}
+BASE_LR = {DINO_PROTOCOL: 1e-3, MAE_PROTOCOL: 0.1}  # per 256 images
+WARMUP_EPOCHS = {DINO_PROTOCOL: 0, MAE_PROTOCOL: 10}
 
 
 @dataclass
 class LinearProbeConfig:
-    protocol: str = "dino"
+    protocol: str = DINO_PROTOCOL
     epochs: int = 100
     batch_size: int = 256
     lr: float | None = None  # base lr per 256 images; None: the protocol's
@@ -54,7 +56,7 @@ def linear_head(protocol: str, dim: int, num_classes: int) -> nn.Module:
     """The trained part: Linear (dino) or BatchNorm1d(affine=False) + Linear (mae)."""
     linear = nn.Linear(dim, num_classes)
     nn.init.zeros_(linear.bias)
-    if protocol == "dino":
+    if protocol == DINO_PROTOCOL:
         nn.init.normal_(linear.weight, std=0.01)
         return linear
     nn.init.trunc_normal_(linear.weight, std=0.01)
@@ -87,7 +89,7 @@ def train_head(
     torch.manual_seed(cfg.seed)
     head = linear_head(cfg.protocol, dim, num_classes).to(device)
     lr = (cfg.lr if cfg.lr is not None else BASE_LR[cfg.protocol]) * cfg.batch_size / 256
-    if cfg.protocol == "dino":
+    if cfg.protocol == DINO_PROTOCOL:
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             head.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay
         )
@@ -156,7 +158,7 @@ def linear_probe(
             f"{PROTOCOLS} / {REPORTS}"
         )
     start = time.perf_counter()
-    dino = cfg.protocol == "dino"
+    dino = cfg.protocol == DINO_PROTOCOL
     n_blocks = min(cfg.n_last_blocks, backbone.num_blocks) if dino else 1
     spec = FeatureSpec(n_blocks, cfg.avgpool and dino)
     cached = cfg.cache and not splits.augmented
