@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ssl_kd.config import load_config
-from ssl_kd.evaluation.data import eval_splits
+from ssl_kd.data.splits import eval_splits
 from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept

@@ -1,15 +1,8 @@
-"""Builds the parts a config names: backbone, method, evaluation data."""
+"""Builds the parts a config names: backbone, teacher, method."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
-
 from ssl_kd.config import Config
-from ssl_kd.data import digits, eval_transform, image_dataset, normalize_images
 from ssl_kd.methods.base import Method
 from ssl_kd.methods.dino import DINO
 from ssl_kd.methods.dmae import DMAE
@@ -57,50 +50,3 @@ def build_method(cfg: Config) -> Method:
     if cfg.eval.pictures_every_steps:
         method.picture_every_steps = cfg.eval.pictures_every_steps
     return method
-
-
-Batches = Callable[[], Iterable[Tensor]]
-
-
-def build_knn_data(cfg: Config) -> tuple[Batches, Tensor, Batches, Tensor] | None:
-    """Labelled (train, held-out) image batches for k-NN, or None if the data has no labels."""
-    batch_size = cfg.eval.batch_size
-    if cfg.data.name == "digits":
-        train_x, train_y, test_x, test_y = digits(cfg.train.seed, cfg.data.test_fraction)
-        size = cfg.data.global_crop_size
-
-        def tensor_batches(images: Tensor) -> Batches:
-            def batches() -> Iterable[Tensor]:
-                for chunk in images.split(batch_size):
-                    if chunk.shape[-1] != size:
-                        chunk = torch.nn.functional.interpolate(
-                            chunk, size=size, mode="bilinear", align_corners=False
-                        )
-                    yield normalize_images(chunk)
-
-            return batches
-
-        return tensor_batches(train_x), train_y, tensor_batches(test_x), test_y
-    if cfg.eval.knn_train_path and cfg.eval.knn_val_path:
-        transform = eval_transform(cfg.data.global_crop_size)
-        train_set = image_dataset(cfg.eval.knn_train_path, transform)
-        val_set = image_dataset(cfg.eval.knn_val_path, transform)
-
-        def loader_batches(dataset) -> Batches:  # type: ignore[no-untyped-def]
-            def batches() -> Iterable[Tensor]:
-                loader = DataLoader(dataset, batch_size, num_workers=cfg.data.num_workers)
-                for images, _ in loader:
-                    yield images
-
-            return batches
-
-        def labels(dataset) -> Tensor:  # type: ignore[no-untyped-def]
-            return torch.tensor([label for _, label in getattr(dataset, "samples", [])])
-
-        return (
-            loader_batches(train_set),
-            labels(train_set),
-            loader_batches(val_set),
-            labels(val_set),
-        )
-    return None

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from ssl_kd.config import Config, to_dict, to_yaml
+from ssl_kd.data.splits import knn_splits
+from ssl_kd.data.streams import Views, build_train_stream
 from ssl_kd.engine import distributed
-from ssl_kd.engine.build import build_knn_data, build_method
+from ssl_kd.engine.build import build_method
 from ssl_kd.engine.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointStore,
@@ -32,8 +34,7 @@ from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.rundir import prepare_output_dir
 from ssl_kd.engine.schedules import cosine_schedule
-from ssl_kd.engine.streams import build_train_stream
-from ssl_kd.evaluation.knn import extract_features, knn_classify
+from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.methods.base import Method, StepState
 
 
@@ -68,7 +69,10 @@ class Trainer:
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
-        self.stream = build_train_stream(cfg, self.rank, self.world_size)
+        views = Views.SINGLE_CROP if cfg.method in ("mae", "dmae") else Views.MULTI_CROP
+        self.stream = build_train_stream(
+            cfg.data, views, cfg.train.batch_size, cfg.train.seed, self.rank, self.world_size
+        )
         self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
@@ -182,17 +186,14 @@ class Trainer:
             distributed.barrier()
 
     def _knn(self) -> dict[str, float] | None:
-        data = build_knn_data(self.cfg)
-        if data is None:
+        splits = knn_splits(self.cfg.data, self.cfg.eval, self.cfg.train.seed)
+        if splits is None:
             return None
-        train_batches, train_labels, val_batches, val_labels = data
-        backbone = self.method.export_backbone()
-        train_features = extract_features(backbone, train_batches(), self.device)
-        val_features = extract_features(backbone, val_batches(), self.device)
         k = self.cfg.eval.knn_k
-        scores = knn_classify(
-            train_features, train_labels, val_features, val_labels, (k,),
-            self.cfg.eval.knn_temperature,
+        scores = evaluate_knn(
+            self.method.export_backbone(), splits, (k,), self.cfg.eval.knn_temperature,
+            self.cfg.eval.batch_size, self.device,
+            num_workers=0 if splits.in_memory else self.cfg.data.num_workers, progress=False,
         )[k]  # fmt: skip
         return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from ssl_kd.config import DinoConfig, MaskingConfig
-from ssl_kd.data import to_unit_range
+from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.engine.schedules import cosine_schedule, epoch_warmup_schedule
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import keep_ratio_schedule, num_kept, select

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from ssl_kd.config import DmaeConfig, MaskingConfig
-from ssl_kd.data import to_unit_range
+from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import num_kept, select
