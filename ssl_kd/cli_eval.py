@@ -189,7 +189,7 @@ def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
 
 
 def _splits(args: argparse.Namespace, report: Any, augment: bool = False) -> Any:
-    from ssl_kd.evaluation.data import eval_splits
+    from ssl_kd.data.splits import eval_splits
 
     run = report.run_config or {}
     data = args.data or ("digits" if run.get("data", {}).get("name") == "digits" else None)

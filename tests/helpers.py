@@ -63,6 +63,16 @@ def tiny_config(output_dir: Path, **extra: object) -> Config:
 
 
 # --- data and teacher files -----------------------------------------------------------------
+def train_stream(cfg: Config, views: Any = None, rank: int = 0, world_size: int = 1) -> Any:
+    """The stream a Trainer builds for `cfg` (DINO's multi-crop views unless told)."""
+    from ssl_kd.data import Views, build_train_stream
+
+    return build_train_stream(
+        cfg.data, views or Views.MULTI_CROP, cfg.train.batch_size, cfg.train.seed, rank,
+        world_size,
+    )  # fmt: skip
+
+
 def write_digit_folder(root, per_class=4):  # type: ignore[no-untyped-def]
     """An ImageFolder of digits PNGs: `per_class` images in each of class_0 .. class_2."""
     from PIL import Image

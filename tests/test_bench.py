@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_kd.evaluation.data import eval_splits
+from ssl_kd.data.splits import eval_splits
 from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept

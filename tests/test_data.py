@@ -3,16 +3,21 @@ import torch
 from PIL import Image
 
 from ssl_kd.data import (
+    DIGITS_IMAGES,
     BatchedMultiCrop,
+    DataError,
     EpochPermutation,
     MultiCropSpec,
+    Views,
+    check_batch,
     digits,
+    digits_train_size,
     image_dataset,
     load_image,
 )
-from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.engine.trainer import Trainer
-from tests.helpers import tiny_config, write_digit_folder
+from ssl_kd.errors import ConfigError, RunFailed
+from tests.helpers import tiny_config, train_stream, write_digit_folder
 
 SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
 
@@ -28,7 +33,9 @@ def test_digits_split_is_fixed_by_seed_and_stratified():
         and train_images.min() >= 0
         and train_images.max() <= 1
     )
-    assert len(train_labels) + len(test_labels) == 1797
+    assert len(train_labels) + len(test_labels) == DIGITS_IMAGES
+    assert len(train_labels) == digits_train_size(0.2)
+    assert len(digits(0, 0.33)[1]) == digits_train_size(0.33)  # the test part is rounded up
     share = torch.bincount(test_labels, minlength=10).float() / len(test_labels)
     assert (share - 0.1).abs().max() < 0.02  # every class in proportion
 
@@ -75,8 +82,12 @@ def test_image_folder_and_flat_folder(tmp_path):
 def test_corrupt_image_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(ValueError, match=r"cannot read image .*broken.jpg.*Remove or replace"):
+    with pytest.raises(
+        DataError, match=r"cannot read image .*broken.jpg.*Remove or replace"
+    ) as err:
         load_image(str(bad))
+    assert err.value.path == str(bad)
+    assert isinstance(err.value, RunFailed) and err.value.exit_code == 1
 
 
 def test_lightly_multicrop_stream_trains_on_an_image_folder(tmp_path):
@@ -86,9 +97,54 @@ def test_lightly_multicrop_stream_trains_on_an_image_folder(tmp_path):
         **{"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
            "data.transform": "lightly", "data.num_workers": 0, "train.batch_size": 4},
     )  # fmt: skip
-    stream = build_train_stream(cfg)
+    stream = train_stream(cfg)
     views = next(stream.epoch(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
     trainer = Trainer(cfg)
     first = trainer.train_step(views)
     assert first["loss"] > 0 and first["teacher_tokens_kept"] == 33
+
+
+def test_single_crop_streams_give_one_global_view(tmp_path):
+    batched = tiny_config(tmp_path / "batched", **{"train.batch_size": 4})
+    views = next(train_stream(batched, Views.SINGLE_CROP).epoch(0))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)]
+    write_digit_folder(tmp_path / "data")
+    folder = tiny_config(
+        tmp_path / "lightly",
+        **{"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
+           "data.transform": "lightly", "data.num_workers": 0, "train.batch_size": 4},
+    )  # fmt: skip
+    views = next(train_stream(folder, Views.SINGLE_CROP).epoch(0))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)]
+
+
+def test_batched_stream_draws_crops_by_epoch_and_batch_only(tmp_path):
+    stream = train_stream(tiny_config(tmp_path, **{"train.batch_size": 64}))
+    full = list(stream.epoch(1))
+    resumed = list(stream.epoch(1, start_batch=3))
+    assert len(resumed) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(full[3], resumed[0], strict=True))
+    assert not torch.equal(full[0][0], next(stream.epoch(0))[0])
+
+
+def test_check_batch_names_the_share_per_process(tmp_path):
+    cfg = tiny_config(tmp_path)
+    share = digits_train_size(0.2) // 2  # 1437 training digits over 2 processes
+    check_batch(cfg.data, share, world_size=2)
+    message = (
+        f"train.batch_size={share + 1} (per process) is larger than the data's share per "
+        f"process ({share} digits images with WORLD_SIZE=2): lower train.batch_size or use "
+        "fewer processes"
+    )
+    with pytest.raises(ConfigError) as err:
+        check_batch(cfg.data, share + 1, world_size=2)
+    assert str(err.value) == message
+    folder = tiny_config(tmp_path, **{"data.name": "imagefolder", "data.path": str(tmp_path)})
+    check_batch(folder.data, 10**6, world_size=2)  # a folder's size is checked once scanned
+
+
+def test_batched_crops_on_an_image_folder_are_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path, **{"data.name": "imagefolder", "data.path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"data\.transform=batched works on in-memory data"):
+        train_stream(cfg)

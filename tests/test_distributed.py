@@ -143,13 +143,13 @@ def test_ddp_wraps_the_student_only_and_keeps_the_state_dict(tmp_path):
 
 
 def test_batch_larger_than_the_share_per_process_is_named(tmp_path):
-    from ssl_kd.engine.streams import build_train_stream
-    from tests.helpers import tiny_config
+    from ssl_kd.errors import ConfigError
+    from tests.helpers import tiny_config, train_stream
 
     cfg = tiny_config(tmp_path, **{"train.batch_size": 1000})
-    build_train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process
-    with pytest.raises(ValueError, match=r"1000 \(per process\).*1437 images / 2 processes"):
-        build_train_stream(cfg, rank=1, world_size=2)
+    train_stream(cfg, rank=0, world_size=1)  # 1437 digits: fits one process
+    with pytest.raises(ConfigError, match=r"1000 \(per process\).*1437 images / 2 processes"):
+        train_stream(cfg, rank=1, world_size=2)
 
 
 @pytest.mark.slow

@@ -12,9 +12,8 @@ from PIL import Image
 from ssl_kd.cli import main
 from ssl_kd.data import DataError
 from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
-from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.engine.trainer import train
-from tests.helpers import start_cli, tiny_config, tiny_overrides, write_digit_folder
+from tests.helpers import start_cli, tiny_config, tiny_overrides, train_stream, write_digit_folder
 
 THREADS = {"OMP_NUM_THREADS": "2"}
 
@@ -238,7 +237,7 @@ def test_image_batches_depend_only_on_epoch_and_batch_index(tmp_path):
     write_digit_folder(tmp_path / "data")
     cfg = tiny_config(tmp_path / "run", **folder_overrides(tmp_path / "data",
                                                            **{"train.batch_size": 4}))  # fmt: skip
-    stream = build_train_stream(cfg)
+    stream = train_stream(cfg)
     full = list(stream.epoch(1))
     resumed = list(stream.epoch(1, start_batch=2))
     assert len(full) == 3 and len(resumed) == 1

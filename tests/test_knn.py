@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_kd.evaluation.data import eval_splits
+from ssl_kd.data.splits import eval_splits
 from ssl_kd.evaluation.knn import DINO_KS, evaluate_knn, extract_features, knn_classify
 from tests.helpers import tiny_backbone
 

@@ -6,8 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from ssl_kd.cli import main
+from ssl_kd.data.splits import eval_splits
 from ssl_kd.engine.trainer import train
-from ssl_kd.evaluation.data import eval_splits
 from ssl_kd.evaluation.features import FeatureSpec, backbone_features
 from ssl_kd.evaluation.lars import LARS
 from ssl_kd.evaluation.linear import LinearProbeConfig, linear_head, linear_probe, train_head

@@ -5,7 +5,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_kd.cli import main
-from ssl_kd.data import normalize_images
+from ssl_kd.data.transforms import normalize_images
 from ssl_kd.engine.trainer import train
 from ssl_kd.evaluation.pictures import (
     GAP,

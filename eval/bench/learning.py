@@ -111,7 +111,7 @@ def run_dir(workdir: Path, row: Row, seed: int) -> Path:
 
 def evaluate(backbone: Any, protocol: str, seed: int, quick: bool) -> dict[str, float]:
     """k-NN (k = 20) and linear-probe top-1 on the digits split held out for this seed."""
-    from ssl_kd.evaluation.data import eval_splits
+    from ssl_kd.data.splits import eval_splits
     from ssl_kd.evaluation.knn import evaluate_knn
     from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 

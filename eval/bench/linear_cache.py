@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ssl_kd.evaluation.data import eval_splits
+from ssl_kd.data.splits import eval_splits
 from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 from ssl_kd.evaluation.loading import load_backbone
 

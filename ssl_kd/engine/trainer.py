@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ssl_kd.config import Config, to_dict, to_yaml
+from ssl_kd.data import build_train_stream, knn_splits
 from ssl_kd.engine import distributed
 from ssl_kd.engine.build import build_method
 from ssl_kd.engine.checkpoint import (
@@ -31,9 +32,8 @@ from ssl_kd.engine.checkpoint import (
 from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.rundir import prepare_output_dir
-from ssl_kd.engine.streams import build_train_stream
 from ssl_kd.errors import UserError
-from ssl_kd.evaluation.knn import extract_features, knn_classify
+from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.files import write_text_atomic
 from ssl_kd.methods import registry
 from ssl_kd.methods.base import Method, StepOutput, StepState
@@ -72,9 +72,12 @@ class Trainer:
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
-        self.stream = build_train_stream(cfg, self.rank, self.world_size)
-        self.method: Method = build_method(cfg).to(self.device)
         self.method_class = registry.method_class(cfg.method)
+        self.stream = build_train_stream(
+            cfg.data, self.method_class.views, cfg.train.batch_size, cfg.train.seed, self.rank,
+            self.world_size,
+        )  # fmt: skip
+        self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.optimizer = self._optimizer()
@@ -187,22 +190,14 @@ class Trainer:
             distributed.barrier()
 
     def _knn(self) -> dict[str, float] | None:
-        from ssl_kd.evaluation.data import eval_splits, image_batches  # TEMPORARY
-
-        if self.cfg.data.name != "digits":
+        splits = knn_splits(self.cfg.data, self.cfg.eval, self.cfg.train.seed)
+        if splits is None:
             return None
-        splits = eval_splits(
-            "digits", self.cfg.data.global_crop_size, seed=self.cfg.train.seed,
-            test_fraction=self.cfg.data.test_fraction,
-        )  # fmt: skip
-        backbone = self.method.export_backbone()
-        size = self.cfg.eval.batch_size
-        train_features = extract_features(backbone, image_batches(splits.train, size), self.device)
-        val_features = extract_features(backbone, image_batches(splits.val, size), self.device)
         k = self.cfg.eval.knn_k
-        scores = knn_classify(
-            train_features, splits.train_labels, val_features, splits.val_labels, (k,),
-            self.cfg.eval.knn_temperature,
+        scores = evaluate_knn(
+            self.method.export_backbone(), splits, (k,), self.cfg.eval.knn_temperature,
+            self.cfg.eval.batch_size, self.device,
+            num_workers=0 if splits.in_memory else self.cfg.data.num_workers, progress=False,
         )[k]  # fmt: skip
         return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ssl_kd.evaluation.data import EvalSplits, image_batches
+from ssl_kd.data.splits import EvalSplits, image_batches
 from ssl_kd.evaluation.features import FeatureSpec, extract
 from ssl_kd.models.backbone import ViTBackbone
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_kd.evaluation.data import EvalSplits, image_batches
+from ssl_kd.data.splits import EvalSplits, image_batches
 from ssl_kd.evaluation.features import FeatureSpec, backbone_features, extract
 from ssl_kd.evaluation.lars import LARS
 from ssl_kd.models.backbone import ViTBackbone

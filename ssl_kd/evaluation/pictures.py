@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.transforms import functional as TF
 
-from ssl_kd.data import load_image, normalize_images
+from ssl_kd.data.datasets import load_image
+from ssl_kd.data.transforms import normalize_images
 from ssl_kd.errors import UserError
 from ssl_kd.masking import num_kept, select
 from ssl_kd.models.backbone import ViTBackbone

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from ssl_kd.config.sections import Config, MaskingConfig, check_positive
-from ssl_kd.data import Views, to_unit_range
+from ssl_kd.data import Views
+from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.errors import ConfigError
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept, select

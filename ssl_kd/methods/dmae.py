@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from ssl_kd.config.sections import Config, MaskingConfig, check_choice, check_file, check_ratio
-from ssl_kd.data import Views, to_unit_range
+from ssl_kd.data import Views
+from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.errors import ConfigError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss

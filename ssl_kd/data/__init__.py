@@ -1,0 +1,77 @@
+"""Everything about images before they reach a model.
+
+- `datasets`: ImageFolder or flat folders, the bundled digits, in-memory labelled tensors;
+- `transforms`: DINO multi-crop (lightly per image, or batched on tensors), the eval transform;
+- `streams`: resumable training streams of views, seeded by (seed, epoch, batch) only;
+- `splits`: labelled train/val splits for k-NN and linear evaluation.
+"""
+
+from ssl_kd.data.datasets import (
+    DIGITS_IMAGES,
+    IMAGE_EXTENSIONS,
+    DataError,
+    FlatImageFolder,
+    TensorImages,
+    digits,
+    digits_train_size,
+    has_class_folders,
+    image_dataset,
+    load_image,
+)
+from ssl_kd.data.splits import EvalSplits, ImageBatches, eval_splits, image_batches, knn_splits
+from ssl_kd.data.streams import (
+    EpochPermutation,
+    LoaderStream,
+    SeededSamples,
+    TensorMultiCropStream,
+    Views,
+    batches_per_epoch,
+    build_train_stream,
+    check_batch,
+)
+from ssl_kd.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchedMultiCrop,
+    MultiCropSpec,
+    eval_transform,
+    lightly_multi_crop,
+    lightly_single_crop,
+    normalize_images,
+    to_unit_range,
+)
+
+__all__ = [
+    "DIGITS_IMAGES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "BatchedMultiCrop",
+    "DataError",
+    "EpochPermutation",
+    "EvalSplits",
+    "FlatImageFolder",
+    "ImageBatches",
+    "LoaderStream",
+    "MultiCropSpec",
+    "SeededSamples",
+    "TensorImages",
+    "TensorMultiCropStream",
+    "Views",
+    "batches_per_epoch",
+    "build_train_stream",
+    "check_batch",
+    "digits",
+    "digits_train_size",
+    "eval_splits",
+    "eval_transform",
+    "has_class_folders",
+    "image_batches",
+    "image_dataset",
+    "knn_splits",
+    "lightly_multi_crop",
+    "lightly_single_crop",
+    "load_image",
+    "normalize_images",
+    "to_unit_range",
+]

@@ -1,0 +1,277 @@
+"""Training batches per epoch, resumable at any batch.
+
+A stream yields lists of views `[global_0, global_1, local_0, ...]`, each [B, C, H, W]. Which
+images form a batch, and how each is cropped, depends only on (seed, epoch, batch index) through
+the named random streams of `ssl_kd.seeding` ("order", "sample", "crops"), so a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssl_kd.data.datasets import (
+    DataError,
+    TensorImagesAsPIL,
+    digits,
+    digits_train_size,
+    image_dataset,
+)
+from ssl_kd.data.transforms import (
+    BatchedMultiCrop,
+    MultiCropSpec,
+    lightly_multi_crop,
+    lightly_single_crop,
+)
+from ssl_kd.errors import ConfigError
+from ssl_kd.seeding import generator_for, seed_for
+
+if TYPE_CHECKING:  # the config imports this package's dataset facts: no import cycle at run time
+    from ssl_kd.config import DataConfig
+
+
+class Views(enum.Enum):
+    """The views a method trains on, each [B, C, H, W]. (A `LABELLED` kind, images with their
+    labels for supervised distillation, is meant to join these.)"""
+
+    MULTI_CROP = "multi_crop"  # DINO: 2 global + data.num_local_views local crops
+    SINGLE_CROP = "single_crop"  # MAE: one random resized crop of the global size
+
+
+class EpochPermutation(Sampler[int]):
+    """Indices of one epoch, shuffled by the stream ("order", epoch), from a given batch on.
+
+    With `num_replicas > 1` each rank takes every num_replicas-th index of the same permutation,
+    as DistributedSampler does; the last incomplete batch is dropped.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+        rank: int = 0, num_replicas: int = 1,
+    ) -> None:  # fmt: skip
+        permutation = torch.randperm(size, generator=generator_for(seed, "order", epoch))
+        per_rank = size // num_replicas
+        mine = permutation[rank : per_rank * num_replicas : num_replicas]
+        usable = (len(mine) // batch_size) * batch_size
+        self.indices = mine[start_batch * batch_size : usable].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def batches_per_epoch(size: int, batch_size: int, num_replicas: int = 1) -> int:
+    """Full batches each rank gets from `size` samples (the last incomplete one dropped)."""
+    return (size // num_replicas) // batch_size
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset of (image, label): each sample's augmentation is seeded by the stream
+    ("sample", epoch, index), and an unreadable image is replaced by the next readable one.
+
+    Seeding per sample makes a batch depend only on its indices, not on the DataLoader worker
+    that built it or on what ran before, so a run resumed mid-epoch draws the same crops.
+
+    `__getitem__` returns (sample, label, bad) where `bad` names the unreadable files that were
+    replaced ("\\n"-joined, "" if none): the main process logs and counts them (workers cannot).
+    """
+
+    MAX_CONSECUTIVE_BAD = 16
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[object, int, str]:
+        bad: list[str] = []
+        size = len(self)
+        for hop in range(self.MAX_CONSECUTIVE_BAD):
+            candidate = (index + hop) % size
+            # lightly's transforms draw from all three global generators
+            seed = seed_for(self.seed, "sample", self.epoch, candidate)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                sample, label = self.dataset[candidate]
+            except DataError as err:
+                bad.append(f"{err.path}\t{err}")
+                continue
+            return sample, label, "\n".join(bad)
+        first = bad[0].partition("\t")[0]
+        raise DataError(
+            f"{self.MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} "
+            f"({first}, ...): is data.path the right folder?",
+            first,
+        )
+
+
+class TensorMultiCropStream:
+    """In-memory images [N, 3, H, W], multi-cropped a whole batch at a time."""
+
+    def __init__(
+        self, images: Tensor, spec: MultiCropSpec, batch_size: int, seed: int, rank: int = 0,
+        world_size: int = 1, num_views: int | None = None,
+    ) -> None:  # fmt: skip
+        self.images = images
+        self.num_views = num_views  # keep only the first views (MAE: 1)
+        self.crop = BatchedMultiCrop(spec)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = batches_per_epoch(len(images), batch_size, world_size)
+        self.bad_files: set[str] = set()  # in-memory images are never unreadable
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[Tensor]]:
+        """The views of each batch of `epoch` from `start_batch` on."""
+        order = EpochPermutation(
+            len(self.images), self.batch_size, self.seed, epoch, start_batch, self.rank,
+            self.world_size,
+        )  # fmt: skip
+        indices = torch.tensor(order.indices, dtype=torch.long).split(self.batch_size)
+        for offset, batch_indices in enumerate(indices):
+            # Crops depend on (epoch, batch) only; each rank keeps its rows of the global
+            # batch's draws, so a sample's crops do not depend on the world size.
+            generator = generator_for(self.seed, "crops", epoch, start_batch + offset)
+            views = self.crop(self.images[batch_indices], generator, (self.rank, self.world_size))
+            yield views[: self.num_views] if self.num_views else views
+
+
+class LoaderStream:
+    """A map-style dataset whose items are lists of views, through a DataLoader.
+
+    Unreadable images are replaced by the next readable one (`SeededSamples`); with
+    `on_error="skip"` each is logged once and kept in `bad_files`, with "error" the first one
+    stops the run with a `DataError` naming it.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
+        world_size: int = 1, on_error: str = "skip",
+    ) -> None:  # fmt: skip
+        self.dataset = dataset
+        self.samples = SeededSamples(dataset, seed)
+        self.on_error = on_error
+        self.bad_files: set[str] = set()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = batches_per_epoch(len(dataset), batch_size, world_size)  # type: ignore[arg-type]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[Tensor]]:
+        """The views of each batch of `epoch` from `start_batch` on."""
+        sampler = EpochPermutation(
+            len(self.dataset), self.batch_size, self.seed, epoch, start_batch, self.rank,  # type: ignore[arg-type]
+            self.world_size,
+        )  # fmt: skip
+        self.samples.epoch = epoch  # workers get a copy of the dataset when the loader starts
+        loader = DataLoader(
+            self.samples, batch_size=self.batch_size, sampler=sampler,
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+            persistent_workers=False,
+        )  # fmt: skip
+        for views, _labels, bad in loader:
+            self._note_bad(bad)
+            yield views
+
+    def _note_bad(self, entries: list[str]) -> None:
+        for entry in entries:
+            for line in filter(None, entry.split("\n")):
+                path, _, message = line.partition("\t")
+                if self.on_error == "error":
+                    raise DataError(
+                        f"{message} (data.on_error=error; data.on_error=skip trains on without it)",
+                        path,
+                    )
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    print(
+                        f"skipping unreadable image ({len(self.bad_files)} so far, "
+                        f"data.on_error=skip): {message}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+
+def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:
+    """Raises a ConfigError when a process's share of the digits holds less than one batch.
+
+    (The size of an image folder is only known once it is scanned: `build_train_stream` checks.)
+    """
+    if data.name != "digits":
+        return
+    share = digits_train_size(data.test_fraction) // world_size
+    if share < batch_size:
+        raise ConfigError(
+            f"train.batch_size={batch_size} (per process) is larger than the data's share per "
+            f"process ({share} digits images with WORLD_SIZE={world_size}): lower "
+            "train.batch_size or use fewer processes"
+        )
+
+
+def build_train_stream(
+    data: DataConfig, views: Views, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> TensorMultiCropStream | LoaderStream:
+    """The training stream `data` describes, yielding `views` of `batch_size` images per rank.
+
+    Raises:
+        ConfigError: batched crops on an image folder, or fewer images per rank than a batch.
+    """
+    spec = MultiCropSpec(
+        data.global_crop_size, data.local_crop_size, data.num_local_views,
+        tuple(data.global_crop_scale), tuple(data.local_crop_scale),  # type: ignore[arg-type]
+        data.hflip_prob,
+    )  # fmt: skip
+    single_crop = views is Views.SINGLE_CROP
+    if single_crop:
+        spec.num_local_views = 0
+    stream: TensorMultiCropStream | LoaderStream
+    if data.transform == "batched":
+        if data.name != "digits":
+            raise ConfigError(
+                "data.transform=batched works on in-memory data (data.name=digits); "
+                "use data.transform=lightly for image folders"
+            )
+        images = digits(seed, data.test_fraction)[0]
+        stream = TensorMultiCropStream(
+            images, spec, batch_size, seed, rank, world_size, num_views=1 if single_crop else None
+        )
+        size = len(images)
+    else:
+        transform = (
+            lightly_single_crop(data.global_crop_size) if single_crop else lightly_multi_crop(spec)
+        )
+        if data.name == "digits":
+            dataset: Dataset = TensorImagesAsPIL(digits(seed, data.test_fraction)[0], transform)
+        else:
+            assert data.path is not None
+            dataset = image_dataset(data.path, transform)
+        stream = LoaderStream(
+            dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error
+        )
+        size = len(dataset)  # type: ignore[arg-type]
+    if stream.steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={batch_size} (per process) is larger than the dataset's share "
+            f"per process ({size} images / {world_size} processes); lower "
+            "train.batch_size or use fewer processes"
+        )
+    return stream
