@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ssl_kd.errors import UserError
+from ssl_kd.files import write_text_atomic
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -214,7 +215,7 @@ def _output_dir(args: argparse.Namespace, checkpoint: str) -> Path:
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
     print(f"wrote {path}")
 
 

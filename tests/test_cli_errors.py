@@ -92,3 +92,36 @@ def test_yaml_file_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unknown config key 'dino.out_dimm'" in result.stderr
     assert "Did you mean 'dino.out_dim'?" in result.stderr
+
+
+def test_a_user_error_is_one_line_and_any_other_error_is_a_bug_with_its_traceback(
+    monkeypatch, capsys
+):
+    """Only `UserError` means "bad input, exit 2": a ValueError from inside ssl_kd is a bug."""
+    import ssl_kd.flops
+    from ssl_kd.cli import main
+    from ssl_kd.errors import UserError
+
+    def bad_input(*args, **kwargs):
+        raise UserError("--img-size 7 is smaller than a patch; use 16 or more")
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(ssl_kd.flops, "cost_report", bad_input)
+    assert main(["flops", "vit_tiny_patch16_224"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setattr(ssl_kd.flops, "cost_report", bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["flops", "vit_tiny_patch16_224"])
+
+
+def test_help_names_every_registered_method():
+    from ssl_kd.methods import method_names
+
+    result = run_cli("train", "--help", timeout=120)
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in method_names())
+    assert "<methods>" not in result.stdout
+    top = run_cli("--help", timeout=120).stdout
+    assert "train with any method (" + ", ".join(method_names()) + ")" in " ".join(top.split())

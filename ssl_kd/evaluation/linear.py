@@ -26,6 +26,7 @@ from ssl_kd.evaluation.features import FeatureSpec, backbone_features, extract
 from ssl_kd.evaluation.lars import LARS
 from ssl_kd.models.backbone import ViTBackbone
 from ssl_kd.schedules import cosine_schedule
+from ssl_kd.seeding import generator_for
 
 # The two linear-probe protocols, named after the papers that define them.
 DINO_PROTOCOL, MAE_PROTOCOL = "dino", "mae"
@@ -174,7 +175,7 @@ def linear_probe(
         val_cache = features_of(splits.val, name="val")
 
     def train_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        generator = generator_for(cfg.seed, "linear-probe-order", epoch)
         order = torch.randperm(len(train_labels), generator=generator)
         if cached:
             for index in order.split(cfg.batch_size):
