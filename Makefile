@@ -41,6 +41,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy ssl_kd
 
 bench-teacher-cost: $(STAMP)
 	$(VENV)/bin/python eval/bench/teacher_cost.py

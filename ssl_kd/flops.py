@@ -19,7 +19,13 @@ from ssl_kd.masking import num_kept
 from ssl_kd.models.backbone import create_backbone
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+def _cpu_sdpa_flops(
+    query_shape: torch.Size,
+    key_shape: torch.Size,
+    value_shape: torch.Size,
+    *args: Any,
+    **kwargs: Any,
+) -> int:
     return int(sdpa_flop_count(query_shape, key_shape, value_shape))
 
 

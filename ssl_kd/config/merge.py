@@ -46,8 +46,8 @@ def free_dicts(sections: Mapping[str, type]) -> tuple[str, ...]:
 
 def _field_class(owner: type, name: str) -> type:
     hint = typing.get_type_hints(owner)[name]
-    assert dataclasses.is_dataclass(hint), name
-    return hint  # type: ignore[no-any-return]
+    assert isinstance(hint, type) and dataclasses.is_dataclass(hint), name
+    return hint
 
 
 def flatten(node: Mapping[str, Any], free: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
@@ -68,7 +68,7 @@ def _unknown_key_message(tree: DictConfig, dotted: str) -> str:
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig) or part not in node:
             where = ".".join(parts[:depth]) or "<top level>"
-            valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+            valid = sorted(str(key) for key in node) if isinstance(node, DictConfig) else []
             close = difflib.get_close_matches(part, valid, n=1)
             hint = f" Did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
             return (
@@ -81,7 +81,7 @@ def _unknown_key_message(tree: DictConfig, dotted: str) -> str:
 def _dotted_keys(node: DictConfig, free: tuple[str, ...], prefix: str = "") -> list[str]:
     keys = []
     for key in node:
-        dotted = f"{prefix}{key}"
+        dotted = f"{prefix}{key!s}"
         value = node._get_node(key)  # no interpolation resolution
         if isinstance(value, DictConfig) and dotted not in free:
             keys.extend(_dotted_keys(value, free, dotted + "."))
@@ -136,7 +136,7 @@ def parse_override(override: str) -> DictConfig:
 def to_config(tree: DictConfig, sections: Mapping[str, type]) -> Config:
     """The merged tree → a `Config` of dataclasses (method sections in `Config.sections`)."""
     try:
-        shared = {
+        shared: dict[str, Any] = {
             key: OmegaConf.to_object(tree[key]) if key in SHARED_SECTIONS else tree[key]
             for key in ("method", "output_dir", *SHARED_SECTIONS)
         }

@@ -8,7 +8,7 @@ data, its masking defaults, its checks, how it is built, and where its evaluated
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,7 +48,7 @@ class StepOutput:
     """
 
     loss: Tensor
-    metrics: dict[str, float | Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, float | Tensor] = field(default_factory=dict)
     teacher_macs: float = 0.0
     teacher_macs_unmasked: float = 0.0
     images: int = 0
@@ -103,7 +103,7 @@ class Method(nn.Module):
         configured final value.
         """
 
-    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:
         raise NotImplementedError
 
     def summary(self) -> dict[str, Any]:
@@ -193,6 +193,12 @@ class KeepRatioSchedule:
         return float(self.values[step])
 
 
+def masking_strategy(masking: MaskingConfig) -> str:
+    """`masking.strategy`, which the method's default fills when the config is loaded."""
+    assert masking.strategy is not None, "masking defaults are resolved when loading"
+    return masking.strategy
+
+
 def scheduled(values: Tensor | None, step: int, final: float) -> float:
     """`values[step]`, or `final` before a schedule exists and past its end."""
     if values is None or not 0 <= step < len(values):
@@ -214,7 +220,7 @@ def param_groups_without_wd_on_1d(module: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def clip_gradients_per_parameter(parameters: list[Tensor], clip: float) -> float:
+def clip_gradients_per_parameter(parameters: Sequence[Tensor], clip: float) -> float:
     """DINO's clipping: each parameter's gradient norm is clipped to `clip` on its own.
 
     Returns:

@@ -36,6 +36,7 @@ from ssl_kd.methods.base import (
     StepOutput,
     StepState,
     clip_gradients_per_parameter,
+    masking_strategy,
     scheduled,
 )
 from ssl_kd.methods.registry import register
@@ -222,7 +223,7 @@ class DINO(Method):
     def summary(self) -> dict[str, Any]:
         return {"keep_ratio": self.keep_ratio.final, "masking_strategy": self.masking.strategy}
 
-    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:
         """views: [global_0, global_1, local_0, ...], each [B, C, H, W]."""
         batch = views[0].shape[0]
         global_views = torch.cat(views[:2])  # [2B, C, H, W]
@@ -232,7 +233,7 @@ class DINO(Method):
         teacher_temp = self.teacher_temp(state.step)
         keep = num_kept(num_patches, keep_ratio)
         masked = keep < num_patches
-        needs_scores = masked and self.masking.strategy.startswith("attention")
+        needs_scores = masked and masking_strategy(self.masking).startswith("attention")
 
         student_logits, student_cls, cls_attention = self.student_call(
             global_views, local_views, cls_attention=needs_scores
@@ -247,7 +248,7 @@ class DINO(Method):
                 keep_idx = select(
                     scores,
                     keep,
-                    self.masking.strategy,
+                    masking_strategy(self.masking),
                     num_patches=num_patches,
                     batch_size=global_views.shape[0],
                     grid=self.grid,

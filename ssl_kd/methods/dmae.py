@@ -27,7 +27,13 @@ from ssl_kd.errors import ConfigError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import complement, gather_patches, num_kept, select
-from ssl_kd.methods.base import KeepRatioSchedule, Method, StepOutput, StepState
+from ssl_kd.methods.base import (
+    KeepRatioSchedule,
+    Method,
+    StepOutput,
+    StepState,
+    masking_strategy,
+)
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
 from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
@@ -108,6 +114,9 @@ class DMAE(Method):
     # The frozen teacher is not in the state dict: the encoder is what a run exports.
     backbones: ClassVar[dict[str, str]] = {"student": "student.encoder"}
     default_backbone = "student"
+
+    student: MAEStudent
+    teacher: ViTBackbone | None
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -238,14 +247,14 @@ class DMAE(Method):
             "teacher_keep_ratio": self.cfg.teacher_keep_ratio,
         }
 
-    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:  # type: ignore[override]
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:
         images = views[0]  # [B, 3, H, W]: MAE uses one view
         batch = images.shape[0]
         num_patches = self.grid[0] * self.grid[1]
         keep_ratio = self.keep_ratio(state.step)
         keep = num_kept(num_patches, keep_ratio)
         keep_idx = select(
-            None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
+            None, keep, masking_strategy(self.masking), num_patches=num_patches, batch_size=batch,
             grid=self.grid, generator=state.generator, device=images.device, shard=state.shard,
         )  # fmt: skip
         mask_idx = complement(keep_idx, num_patches)
@@ -261,6 +270,7 @@ class DMAE(Method):
         metrics: dict[str, float | Tensor] = {"recon_loss": recon.item(), "keep_ratio": keep_ratio}
         if not distilling:
             return StepOutput(recon, metrics, images=batch, keep_ratio=keep_ratio)
+        assert self.teacher is not None  # distilling
 
         # The teacher sees the student's visible patches (or their top fraction by the student's
         # [CLS] attention) and stops at the deepest aligned block.
@@ -318,7 +328,7 @@ class DMAE(Method):
         num_patches = self.grid[0] * self.grid[1]
         keep = num_kept(num_patches, self.keep_ratio(state.step))
         keep_idx = select(
-            None, keep, self.masking.strategy, num_patches=num_patches, batch_size=batch,
+            None, keep, masking_strategy(self.masking), num_patches=num_patches, batch_size=batch,
             grid=self.grid, generator=state.generator, device=images.device,
         )  # fmt: skip
         mask_idx = complement(keep_idx, num_patches)

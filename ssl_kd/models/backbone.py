@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import timm
 from einops import rearrange
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
 
 from ssl_kd.errors import UserError
@@ -47,13 +47,13 @@ class BackboneOutput:
 class ViTBackbone(nn.Module):
     """A timm `VisionTransformer` with masked and truncated forwards."""
 
-    def __init__(self, vit: VisionTransformer) -> None:
+    def __init__(self, vit: nn.Module) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
         if not vit.dynamic_img_size:
             raise ValueError("build the ViT with dynamic_img_size=True (multi-crop needs it)")
-        self.vit = vit
+        self.vit: VisionTransformer = vit
 
     @property
     def embed_dim(self) -> int:
@@ -65,7 +65,7 @@ class ViTBackbone(nn.Module):
 
     @property
     def num_heads(self) -> int:
-        return int(self.vit.blocks[-1].attn.num_heads)
+        return int(_block_attention(self.vit.blocks[-1]).num_heads)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -136,7 +136,7 @@ class ViTBackbone(nn.Module):
 
         The row is computed inside the hook, so the full qkv tensor is not kept alive.
         """
-        attn = block.attn
+        attn = _block_attention(block)
         captured: list[Tensor] = []
 
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], qkv: Tensor) -> None:
@@ -150,7 +150,13 @@ class ViTBackbone(nn.Module):
         return tokens, captured[0]
 
 
-def cls_attention_from_qkv(qkv: Tensor, attn: nn.Module, num_prefix_tokens: int) -> Tensor:
+def _block_attention(block: nn.Module) -> Attention:
+    """A timm ViT block's `attn`, which has the interface of timm's `Attention` (num_heads, qkv,
+    q_norm, k_norm, scale); `nn.Module.__getattr__` types it as `Tensor | Module`."""
+    return cast(Attention, block.attn)
+
+
+def cls_attention_from_qkv(qkv: Tensor, attn: Attention, num_prefix_tokens: int) -> Tensor:
     """Post-softmax attention of the [CLS] query over all keys, patch columns only.
 
     Args:
