@@ -16,7 +16,7 @@ from ssl_kd.data import (
     load_image,
 )
 from ssl_kd.engine.trainer import Trainer
-from ssl_kd.errors import ConfigError, RunFailed
+from ssl_kd.errors import ConfigError, RunFailed, UserError
 from tests.helpers import tiny_config, train_stream, write_digit_folder
 
 SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
@@ -75,7 +75,7 @@ def test_image_folder_and_flat_folder(tmp_path):
     for i in range(3):
         Image.new("RGB", (20, 20), (i, 0, 0)).save(flat / f"{i}.jpg")
     assert len(image_dataset(flat)) == 3
-    with pytest.raises(FileNotFoundError, match="is not a folder"):
+    with pytest.raises(UserError, match="is not a folder"):
         image_dataset(tmp_path / "missing")
 
 

@@ -9,8 +9,7 @@ from ssl_kd.data import digits, eval_splits, image_batches, knn_splits, normaliz
 from ssl_kd.engine.trainer import Trainer
 from ssl_kd.errors import ConfigError
 from ssl_kd.evaluation.knn import extract_features, knn_classify
-from tests.helpers import tiny_config
-from tests.test_data import write_digit_folder
+from tests.helpers import tiny_config, write_digit_folder
 
 
 def all_images(dataset) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from ssl_kd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_kd.errors import RunFailed
+from ssl_kd.errors import RunFailed, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DIGITS_IMAGES = 1797  # scikit-learn's load_digits
@@ -59,7 +59,7 @@ class FlatImageFolder(Dataset):
             str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not self.paths:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -79,12 +79,12 @@ def image_dataset(root: str | Path, transform: Callable | None = None) -> Datase
     """ImageFolder if `root` has class sub-folders with images, else a flat image folder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path {root} is not a folder")
+        raise UserError(f"data.path {root} is not a folder")
     if has_class_folders(root):
         try:
             return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
         except FileNotFoundError as err:  # class folders without a single image
-            raise ValueError(f"no images found under {root}: {err}") from None
+            raise UserError(f"no images found under {root}: {err}") from None
     return FlatImageFolder(root, transform)
 
 

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 
 from ssl_kd.data.datasets import TensorImages, digits, has_class_folders, load_image
 from ssl_kd.data.transforms import eval_transform
-from ssl_kd.errors import ConfigError
+from ssl_kd.errors import ConfigError, UserError
 
 if TYPE_CHECKING:  # the config imports this package's dataset facts: no import cycle at run time
     from ssl_kd.config import DataConfig, EvalConfig
@@ -70,7 +70,7 @@ def eval_splits(
         )
     root = Path(data)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise FileNotFoundError(
+        raise UserError(
             f"--data {root}: expected 'digits' or a folder with train/ and val/ ImageFolders "
             "(one sub-folder per class in each)"
         )

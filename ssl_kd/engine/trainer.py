@@ -70,7 +70,9 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.ctx.device
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
-        torch.manual_seed(seed_for(cfg.train.seed, "init"))  # the same initial weights on every rank
+        torch.manual_seed(
+            seed_for(cfg.train.seed, "init")
+        )  # the same initial weights on every rank
 
         self.method_class = registry.method_class(cfg.method)
         self.stream = build_train_stream(

@@ -34,7 +34,7 @@ def open_image(spec: str) -> tuple[str, Image.Image]:
         name = spec[len(SKLEARN_PREFIX) :]
         try:
             return Path(name).stem, Image.fromarray(load_sample_image(name)).convert("RGB")
-        except AttributeError:
+        except (AttributeError, ValueError):  # sklearn's check of the name is a ValueError
             raise UserError(f"{spec}: scikit-learn bundles china.jpg and flower.jpg") from None
     if not Path(spec).is_file():
         raise UserError(f"image {spec} does not exist")
