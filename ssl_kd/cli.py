@@ -120,7 +120,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
     masked, full = summary["teacher_pflops"], summary["teacher_pflops_unmasked"]
     if full > 0:
         lines.append(
-            f"teacher cost: {masked * 1e3:.3f} TFLOPs at keep ratio {summary['keep_ratio']} vs "
+            f"teacher cost: {masked * 1e3:.3f} TFLOPs at keep ratio {summary.get('keep_ratio')} vs "
             f"{full * 1e3:.3f} TFLOPs unmasked ({100 * (1 - masked / full):.1f}% saved)"
         )
     if summary.get("skipped_steps") or summary.get("skipped_images"):

@@ -165,7 +165,7 @@ def add_eval_commands(commands: Any) -> None:
     attention.add_argument(
         "--strategy",
         default="attention_topk",
-        choices=("attention_topk", "attention_bottomk", "random", "block"),
+        help="a masking strategy, as masking.strategy in a config (default: attention_topk)",
     )
     attention.add_argument("--img-size", type=int, default=224)
     attention.add_argument("--out", help="output folder (default: CHECKPOINT's folder/eval)")
@@ -302,10 +302,15 @@ def _linear(args: argparse.Namespace) -> int:
 def _attention(args: argparse.Namespace) -> int:
     from ssl_kd.evaluation.loading import load_backbone
     from ssl_kd.evaluation.pictures import open_image, write_attention_png
-    from ssl_kd.masking import num_kept
+    from ssl_kd.masking import STRATEGIES, num_kept
     from ssl_kd.models.backbone import create_backbone
 
-    num_kept(1, args.keep_ratio)  # validates the ratio before any work
+    try:
+        num_kept(1, args.keep_ratio)  # checked before any work
+    except ValueError as err:
+        raise UserError(f"--keep-ratio: {err}") from None
+    if args.strategy not in STRATEGIES:
+        raise UserError(f"--strategy {args.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     selector = None
     if args.checkpoint:
         backbone, report = _load(args, args.checkpoint)

@@ -167,3 +167,26 @@ def run_python(
         env=_checkout_env(env),
         timeout=timeout,
     )
+
+
+def kill_after_step(process: subprocess.Popen[str], run: Path, step: int) -> None:
+    """SIGKILLs a training process as soon as `run/metrics.jsonl` shows `step` logged.
+
+    Raises:
+        AssertionError: the run ended by itself before it could be killed.
+    """
+    import signal
+    import time
+
+    logged = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    prefix = f'{{"step": {step},'
+    while time.time() < deadline:
+        if logged.exists() and any(
+            line.startswith(prefix) for line in logged.read_text().splitlines()
+        ):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -3,7 +3,6 @@ mid-save, a NaN loss, corrupt images in an ImageFolder."""
 
 import json
 import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +12,14 @@ from ssl_kd.cli import main
 from ssl_kd.data import DataError
 from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
 from ssl_kd.engine.trainer import train
-from tests.helpers import start_cli, tiny_config, tiny_overrides, train_stream, write_digit_folder
+from tests.helpers import (
+    kill_after_step,
+    start_cli,
+    tiny_config,
+    tiny_overrides,
+    train_stream,
+    write_digit_folder,
+)
 
 THREADS = {"OMP_NUM_THREADS": "2"}
 
@@ -82,17 +88,7 @@ def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, 
     run = tmp_path / "killed"
     args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
     process = start_cli(*args, env=THREADS)
-    logged = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill between checkpoints: after step 5 is logged
-        if logged.exists() and any(
-            line.startswith('{"step": 5,') for line in logged.read_text().splitlines()
-        ):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_step(process, run, 5)  # between checkpoints
     saved = load_checkpoint(run / "checkpoint.pth")["step"]
     assert 3 <= saved < 12 and saved % 3 == 0  # mid-epoch (44 steps per epoch)
 
@@ -105,7 +101,7 @@ def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, 
     assert_same_state(final["method"], expected["method"])
     assert_same_optimizer(final["optimizer"], expected["optimizer"])
     assert final["rng"]["torch"].equal(expected["rng"]["torch"])
-    steps = [json.loads(line)["step"] for line in logged.read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # the killed run's unsaved steps are logged once
 
 

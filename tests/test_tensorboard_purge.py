@@ -5,9 +5,7 @@ the way TensorBoard's Python loader reads them (EventAccumulator, which applies 
 
 import itertools
 import json
-import signal
 import subprocess
-import time
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -16,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
-from tests.helpers import start_cli, tiny_config, tiny_overrides
+from tests.helpers import kill_after_step, start_cli, tiny_config, tiny_overrides
 
 KEEP_ALL = {event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
 
@@ -63,17 +61,7 @@ def test_sigkill_then_resume_logs_every_step_once_per_tag(tmp_path):
     }
     args = [str(config), *tiny_overrides(run, **extra)]
     process = start_train(args)
-    logged = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill between the checkpoints at 4 and 8: after step 6
-        if logged.exists() and any(
-            line.startswith('{"step": 6,') for line in logged.read_text().splitlines()
-        ):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_step(process, run, 6)  # between the checkpoints at 4 and 8
     saved = load_checkpoint(run / "checkpoint.pth")["step"]
     assert saved == 4
     before = steps_per_tag(run / "tb")
@@ -91,7 +79,7 @@ def test_sigkill_then_resume_logs_every_step_once_per_tag(tmp_path):
     assert steps["dino/attention"] == [2, 4, 6, 8, 10]
     assert steps["eval/knn_top1"] == [10]
     # The values shown are the resumed run's (images/s differs between the two processes).
-    lines = [json.loads(line) for line in logged.read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     speed = [line["train/images_per_s"] for line in lines if "train/images_per_s" in line]
     assert values(run / "tb", "train/images_per_s") == pytest.approx(speed, rel=1e-6)
 

@@ -188,9 +188,7 @@ class KeepRatioSchedule:
         )
 
     def __call__(self, step: int) -> float:
-        if self.values is None or not 0 <= step < len(self.values):
-            return self.final
-        return float(self.values[step])
+        return scheduled(self.values, step, self.final)
 
 
 def masking_strategy(masking: MaskingConfig) -> str:
