@@ -32,6 +32,8 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
         ),
         ("data.name=imagenet", "data.name='imagenet' is not valid"),
         ("train.batch_size=0", "train.batch_size=0 must be > 0"),
+        ("data.max_bad_fraction=1.5", r"data.max_bad_fraction=1.5 must lie in \[0, 1\]"),
+        ("data.max_bad_fraction=-0.1", r"data.max_bad_fraction=-0.1 must lie in \[0, 1\]"),
         ("epochs", "must look like key=value"),
     ],
 )

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -5,7 +7,6 @@ from PIL import Image
 from ssl_kd.data import (
     DIGITS_IMAGES,
     BatchedMultiCrop,
-    DataError,
     EpochPermutation,
     MultiCropSpec,
     Views,
@@ -13,10 +14,9 @@ from ssl_kd.data import (
     digits,
     digits_train_size,
     image_dataset,
-    load_image,
 )
 from ssl_kd.engine.trainer import Trainer
-from ssl_kd.errors import ConfigError, RunFailed, UserError
+from ssl_kd.errors import ConfigError, UserError
 from tests.helpers import tiny_config, train_stream, write_digit_folder
 
 SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
@@ -79,15 +79,61 @@ def test_image_folder_and_flat_folder(tmp_path):
         image_dataset(tmp_path / "missing")
 
 
-def test_corrupt_image_is_named(tmp_path):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(
-        DataError, match=r"cannot read image .*broken.jpg.*Remove or replace"
-    ) as err:
-        load_image(str(bad))
-    assert err.value.path == str(bad)
-    assert isinstance(err.value, RunFailed) and err.value.exit_code == 1
+def write_pngs(folder, count, prefix="img"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{prefix}_{i:02d}.png")
+
+
+def test_images_at_the_top_make_a_flat_folder_whatever_its_sub_folders(tmp_path):
+    # ImageFolder would read backup/ as the one class and train on its 10 images only.
+    write_pngs(tmp_path / "data", 40)
+    write_pngs(tmp_path / "data" / "backup", 10)
+    write_pngs(tmp_path / "data" / "backup" / "older", 2)
+    dataset = image_dataset(tmp_path / "data")
+    assert len(dataset) == 52
+    assert dataset.description == "flat folder, 52 images (40 at the top, 12 in sub-folders)"
+    assert len(image_dataset(f"{tmp_path / 'data'}/")) == 52  # a trailing / changes nothing
+
+
+def test_hidden_files_and_folders_are_never_data(tmp_path):
+    flat = tmp_path / "flat"
+    write_pngs(flat, 3)
+    (flat / ".ipynb_checkpoints").mkdir()  # empty: made the folder an "empty ImageFolder"
+    write_pngs(flat / ".cache", 2)
+    write_pngs(flat / "more" / ".thumbs", 2)
+    (flat / "._img_00.png").write_bytes(b"macOS resource fork")  # unreadable if read
+    dataset = image_dataset(flat)
+    assert [Path(p).name for p in dataset.paths] == ["img_00.png", "img_01.png", "img_02.png"]
+    assert dataset.description == "flat folder, 3 images (3 at the top, 0 in sub-folders)"
+
+    write_digit_folder(tmp_path / "classes")
+    (tmp_path / "classes" / ".ipynb_checkpoints").mkdir()
+    write_pngs(tmp_path / "classes" / ".trash", 2)
+    write_pngs(tmp_path / "classes" / "class_0" / ".thumbs", 2)
+    (tmp_path / "classes" / "class_1" / ".0.png").write_bytes(b"")
+    labelled = image_dataset(tmp_path / "classes")
+    assert labelled.classes == ["class_0", "class_1", "class_2"]
+    assert len(labelled) == 12 and labelled.description == "ImageFolder, 3 classes, 12 images"
+    assert not any("/." in path for path, _ in labelled.samples)
+
+
+def test_the_training_log_names_the_layout_with_its_counts(tmp_path, capfd):
+    write_pngs(tmp_path / "data", 12)
+    write_pngs(tmp_path / "data" / "backup", 4)
+    cfg = tiny_config(
+        tmp_path / "run",
+        **{"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
+           "data.transform": "lightly", "data.num_workers": 2, "train.batch_size": 4},
+    )  # fmt: skip
+    stream = train_stream(cfg)
+    list(stream.epoch(0))  # DataLoader workers get the dataset: they print nothing
+    train_stream(cfg, rank=1, world_size=2)  # nor does another rank
+    out = capfd.readouterr().out
+    line = (
+        f"data.path {tmp_path / 'data'}: flat folder, 16 images (12 at the top, 4 in sub-folders)"
+    )
+    assert out.count("data.path") == 1 and line in out, out
 
 
 def test_lightly_multicrop_stream_trains_on_an_image_folder(tmp_path):

@@ -1,7 +1,9 @@
 """Faults a long run meets, with real processes and real files: SIGKILL mid-epoch and
-mid-save, a NaN loss, corrupt images in an ImageFolder."""
+mid-save, a NaN loss, corrupt images in an ImageFolder, runs of unreadable files and the
+fraction of them that stops a run."""
 
 import json
+import re
 import signal
 
 import pytest
@@ -9,11 +11,12 @@ import torch
 from PIL import Image
 
 from ssl_kd.cli import main
-from ssl_kd.data import DataError
+from ssl_kd.data import DataError, digits
 from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
 from ssl_kd.engine.trainer import train
 from tests.helpers import (
     kill_after_step,
+    run_cli,
     start_cli,
     tiny_config,
     tiny_overrides,
@@ -184,9 +187,10 @@ def folder_overrides(data, **extra):
 
 def test_corrupt_images_are_skipped_logged_once_and_counted(tmp_path, capfd):
     bad = corrupt_image_folder(tmp_path / "data")
-    # 15 files, batch 5: every file is read in each of the 2 epochs.
-    cfg = tiny_config(tmp_path / "run", **folder_overrides(tmp_path / "data", **{
-        "train.max_steps": 6, "train.log_every_steps": 3}))  # fmt: skip
+    # 15 files, batch 5: every file is read in each of the 2 epochs. 3 of 15 unreadable:
+    # exactly the fraction allowed (more would stop the run).
+    extra = {"train.max_steps": 6, "train.log_every_steps": 3, "data.max_bad_fraction": 0.2}
+    cfg = tiny_config(tmp_path / "run", **folder_overrides(tmp_path / "data", **extra))
     summary = train(cfg)
     assert summary["steps"] == 6 and summary["skipped_images"] == bad
     err = capfd.readouterr().err
@@ -210,6 +214,89 @@ def test_corrupt_image_with_on_error_error_stops_naming_it(tmp_path, capsys):
     with pytest.raises(DataError):  # and from the library: a DataError naming the file
         train(tiny_config(tmp_path / "run2", **folder_overrides(
             tmp_path / "data", **{"data.on_error": "error"})))  # fmt: skip
+
+
+def flat_digits(folder, count):
+    """`count` digits PNGs (32×32 RGB) in one flat folder: digit_000.png, digit_001.png, ..."""
+    folder.mkdir(parents=True)
+    for i, image in enumerate(digits(0)[0][:count]):
+        array = (image.permute(1, 2, 0) * 255).byte().numpy()
+        Image.fromarray(array).save(folder / f"digit_{i:03d}.png")
+
+
+def zero_byte_files(folder, count):
+    """An interrupted copy: `count` empty files with image names, sorted after the digits."""
+    paths = [folder / f"partial_{i:02d}.png" for i in range(count)]
+    for path in paths:
+        path.write_bytes(b"")
+    return paths
+
+
+def test_any_number_of_unreadable_files_in_a_row_is_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    flat_digits(data, 200)
+    huge = data / "huge.png"  # 14000² px, over PIL's 89.5 Mpx limit; 24 KB as a 1-bit PNG
+    Image.new("1", (14000, 14000)).save(huge)
+    bad = sorted(map(str, [huge, *zero_byte_files(data, 20)]))
+    # 221 files: digit_*, huge, partial_*: 21 unreadable in a row (9.5%, under the default
+    # data.max_bad_fraction=0.1); one batch of 221 reads every file once.
+    overrides = tiny_overrides(tmp_path / "run", **folder_overrides(data, **{
+        "train.batch_size": 221, "train.max_steps": 1, "data.num_workers": 1}))  # fmt: skip
+    result = run_cli("train", empty_yaml(tmp_path), *overrides, env=THREADS)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["skipped_images"] == bad
+    assert result.stderr.count("skipping unreadable image") == 21
+    assert f"{huge}: 196000000 px is over PIL's limit of 89478485 pixels" in result.stderr
+    assert "Traceback" not in result.stderr
+    layout = f"data.path {data}: flat folder, 221 images (221 at the top, 0 in sub-folders)"
+    assert result.stdout.count("data.path") == 1 and layout in result.stdout
+
+
+@pytest.mark.slow  # two `ssl-kd train` processes
+def test_more_unreadable_files_than_max_bad_fraction_stop_the_run_naming_them(tmp_path):
+    data = tmp_path / "data"
+    flat_digits(data, 40)
+    bad = sorted(map(str, zero_byte_files(data, 10)))  # 10 of 50: 20%
+    run = tmp_path / "run"
+    extra = {"train.max_steps": 10, "train.checkpoint_every_steps": 1, "data.num_workers": 1}
+    args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **folder_overrides(data, **extra))]
+    stopped = run_cli(*args, env=THREADS)
+    assert stopped.returncode == 1
+    assert "Traceback" not in stopped.stderr and "DataLoader worker" not in stopped.stderr
+    message = stopped.stderr.splitlines()[-1]
+    count = int(re.match(r"ssl-kd: error: (\d+) of the 50 images are unreadable", message)[1])
+    assert 5 < count <= 10 and f"({count / 50:.1%}), more than data.max_bad_fraction=0.1" in message
+    assert f"{bad[0]}, {bad[1]}, {bad[2]} and {count - 3} more" in message
+    assert "rerun with data.max_bad_fraction raised" in message
+    saved_at = load_checkpoint(run / "checkpoint.pth")["step"]
+    assert 0 < saved_at < 10  # the run stopped mid-epoch, after some checkpoints
+
+    # The advice works: the same command with the fraction raised resumes and trains on.
+    resumed = run_cli(*args, "data.max_bad_fraction=0.5", env=THREADS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'checkpoint.pth'} at step {saved_at}" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["skipped_images"] == bad
+
+
+@pytest.mark.parametrize("max_bad_fraction", [1.0, 0.1])
+def test_the_search_for_a_readable_image_ends_when_there_is_none(tmp_path, max_bad_fraction):
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = sorted(map(str, zero_byte_files(data, 8)))
+    cfg = tiny_config(tmp_path / "run", **folder_overrides(data, **{
+        "train.batch_size": 4, "data.num_workers": 1,
+        "data.max_bad_fraction": max_bad_fraction}))  # fmt: skip
+    with pytest.raises(DataError) as err:
+        next(train_stream(cfg).epoch(0))
+    message = str(err.value)
+    assert "\n" not in message  # one line: the message, not the worker's traceback
+    if max_bad_fraction == 1.0:  # every file may be bad: stops once each was tried
+        assert message.startswith("no readable image in the data set: all 8 files tried")
+    else:  # 0 of 8 may be bad: the first batch (4 files) stops the run
+        assert message.startswith("4 of the 8 images are unreadable (50.0%), more than")
+    assert err.value.path in bad
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "empty_classes"])

@@ -88,6 +88,11 @@ def test_a_flat_knn_folder_is_a_config_error_naming_the_key(tmp_path, key):
     cfg = folder_config(tmp_path, folders["knn_train_path"], folders["knn_val_path"])
     with pytest.raises(ConfigError, match=rf"eval.{key}=.*flat has no class sub-folders"):
         knn_splits(cfg.data, cfg.eval, cfg.train.seed)
+    write_digit_folder(tmp_path / "mixed")
+    Image.new("RGB", (20, 20)).save(tmp_path / "mixed" / "unlabelled.png")
+    setattr(cfg.eval, key, str(tmp_path / "mixed"))
+    with pytest.raises(ConfigError, match=rf"eval.{key}=.*mixed holds images at its top level"):
+        knn_splits(cfg.data, cfg.eval, cfg.train.seed)
     setattr(cfg.eval, key, str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=rf"eval.{key}=.*missing is not a folder"):
         knn_splits(cfg.data, cfg.eval, cfg.train.seed)

@@ -77,11 +77,19 @@ class DataConfig:
     # An unreadable image: skip (log it once, count it, train on the next readable image in
     # its place) or error (stop; the last checkpoint is kept).
     on_error: str = "skip"
+    # Under on_error=skip, the run stops once more than this fraction of the data set's files
+    # turned out unreadable: a folder that bad is more likely a wrong path or a broken copy.
+    max_bad_fraction: float = 0.1
 
     def check(self) -> None:
         check_choice("data.name", self.name, DATASETS)
         check_choice("data.transform", self.transform, TRANSFORMS)
         check_choice("data.on_error", self.on_error, ("skip", "error"))
+        if not 0.0 <= self.max_bad_fraction <= 1.0:  # NaN fails this too
+            raise ConfigError(
+                f"data.max_bad_fraction={self.max_bad_fraction} must lie in [0, 1]: the "
+                "largest fraction of the images that may be unreadable (data.on_error=skip)"
+            )
         check_positive(
             {
                 "data.global_crop_size": self.global_crop_size,

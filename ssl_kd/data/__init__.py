@@ -1,5 +1,6 @@
 """Everything about images before they reach a model.
 
+- `images`: `load_image`, the one way an image file is read (bit depth, EXIF, alpha, size);
 - `datasets`: ImageFolder or flat folders, the bundled digits, in-memory labelled tensors;
 - `transforms`: DINO multi-crop (lightly per image, or batched on tensors), the eval transform;
 - `streams`: resumable training streams of views, seeded by (seed, epoch, batch) only;
@@ -9,15 +10,17 @@
 from ssl_kd.data.datasets import (
     DIGITS_IMAGES,
     IMAGE_EXTENSIONS,
-    DataError,
     FlatImageFolder,
+    LabelledImageFolder,
     TensorImages,
     digits,
     digits_train_size,
+    find_images,
     has_class_folders,
     image_dataset,
-    load_image,
+    is_image_folder,
 )
+from ssl_kd.data.images import ALPHA_BACKGROUND, DataError, load_image
 from ssl_kd.data.splits import EvalSplits, ImageBatches, eval_splits, image_batches, knn_splits
 from ssl_kd.data.streams import (
     EpochPermutation,
@@ -42,6 +45,7 @@ from ssl_kd.data.transforms import (
 )
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "DIGITS_IMAGES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -52,6 +56,7 @@ __all__ = [
     "EvalSplits",
     "FlatImageFolder",
     "ImageBatches",
+    "LabelledImageFolder",
     "LoaderStream",
     "MultiCropSpec",
     "SeededSamples",
@@ -65,9 +70,11 @@ __all__ = [
     "digits_train_size",
     "eval_splits",
     "eval_transform",
+    "find_images",
     "has_class_folders",
     "image_batches",
     "image_dataset",
+    "is_image_folder",
     "knn_splits",
     "lightly_multi_crop",
     "lightly_single_crop",

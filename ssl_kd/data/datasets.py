@@ -1,66 +1,72 @@
 """Image datasets: ImageFolder or flat folders for real use, the bundled digits for demos.
 
 Every dataset yields (image, label); a flat folder has no classes and labels every image 0.
+`data.path` is an ImageFolder only when its top level holds class folders and no image;
+anything else is flat: every image at any depth. Names starting with '.' are never data.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
+from ssl_kd.data.images import load_image
 from ssl_kd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_kd.errors import RunFailed, UserError
+from ssl_kd.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DIGITS_IMAGES = 1797  # scikit-learn's load_digits
 DIGITS_SIZE = 32
 
 
-class DataError(RunFailed, ValueError):
-    """An unreadable training image; the message names the file, `path` holds it.
+def is_hidden(name: str) -> bool:
+    """`.ipynb_checkpoints`, `.DS_Store`, macOS's `._photo.jpg`: never data, at any depth."""
+    return name.startswith(".")
 
-    A `RunFailed`: exit status 1, the run failed, not its command line. Also a ValueError, as
-    before, because `ssl-kd`'s error handler catches ValueError (and not yet UserError).
+
+def is_image_name(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Every image file under `root`, at any depth, hidden files and folders skipped; sorted.
+
+    Symlinked folders are followed, as torchvision's ImageFolder follows them.
     """
-
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(message)
-        self.path = path
-
-
-def load_image(path: str) -> Image.Image:
-    """Opens an image as RGB; a corrupt file raises a DataError that names it."""
-    try:
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"cannot read image {path}: {err}. Remove or replace the file and restart; "
-            "the last checkpoint is kept.",
-            path,
-        ) from None
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not is_hidden(name)]  # not entered
+        found += [os.path.join(folder, name) for name in files if is_image_name(name)]
+    return sorted(found)
 
 
 class FlatImageFolder(Dataset):
-    """Every image file under a folder (recursively), label 0: for unlabelled pretraining."""
+    """Every image file under a folder, at any depth, label 0: for unlabelled pretraining."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
-        self.paths = sorted(
-            str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        root = os.path.normpath(root)
+        self.paths = find_images(root)
         if not self.paths:
-            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+            raise UserError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root} (names "
+                "starting with '.' are ignored)"
+            )
         self.transform = transform
+        top = sum(os.path.dirname(path) == root for path in self.paths)
+        self.description = (
+            f"flat folder, {len(self.paths)} images ({top} at the top, "
+            f"{len(self.paths) - top} in sub-folders)"
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,21 +76,63 @@ class FlatImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), 0
 
 
+class LabelledImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (one sub-folder per class) without hidden entries: no
+    `.ipynb_checkpoints` class, no `._photo.jpg` image; images read by `load_image`."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+        root = os.path.normpath(root)
+        hidden_part = os.sep + "."  # a hidden file, or anything inside a hidden folder
+
+        def is_valid_file(path: str) -> bool:
+            return is_image_name(path) and hidden_part not in path[len(root) :]
+
+        super().__init__(root, transform, loader=load_image, is_valid_file=is_valid_file)
+        self.description = f"ImageFolder, {len(self.classes)} classes, {len(self.samples)} images"
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_dir() and not is_hidden(entry.name)
+        )
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
 def has_class_folders(root: str | Path) -> bool:
-    """Whether `root` has sub-folders, read as one class each (the ImageFolder layout)."""
-    return any(p.is_dir() for p in Path(root).iterdir())
+    """Whether `root` has (non-hidden) sub-folders, read as one class each by ImageFolder."""
+    return any(entry.is_dir() and not is_hidden(entry.name) for entry in os.scandir(root))
 
 
-def image_dataset(root: str | Path, transform: Callable | None = None) -> Dataset:
-    """ImageFolder if `root` has class sub-folders with images, else a flat image folder."""
+def is_image_folder(root: str | Path) -> bool:
+    """The ImageFolder layout: class sub-folders and no image at the top level. A folder with
+    images at its top is flat, whatever sub-folders it also has (a `backup/`, `thumbs/`)."""
+    entries = [entry for entry in os.scandir(root) if not is_hidden(entry.name)]
+    has_images = any(entry.is_file() and is_image_name(entry.name) for entry in entries)
+    return not has_images and any(entry.is_dir() for entry in entries)
+
+
+def image_dataset(
+    root: str | Path, transform: Callable | None = None
+) -> LabelledImageFolder | FlatImageFolder:
+    """An ImageFolder (labels from class folders) when `root` holds class folders and no image
+    at its top level; else every image at any depth, unlabelled. Hidden entries are ignored.
+
+    The dataset's `description` says which, with the counts.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data.path {root} is not a folder")
-    if has_class_folders(root):
+    if is_image_folder(root):
         try:
-            return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
+            return LabelledImageFolder(root, transform)
         except FileNotFoundError as err:  # class folders without a single image
-            raise UserError(f"no images found under {root}: {err}") from None
+            raise UserError(
+                f"no images found under {root}, read as an ImageFolder (class sub-folders and "
+                f"no image at the top): {err}"
+            ) from None
     return FlatImageFolder(root, transform)
 
 

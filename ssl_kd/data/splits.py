@@ -16,10 +16,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
 from torchvision import transforms as T
 
-from ssl_kd.data.datasets import TensorImages, digits, has_class_folders, load_image
+from ssl_kd.data.datasets import (
+    LabelledImageFolder,
+    TensorImages,
+    digits,
+    has_class_folders,
+    is_image_folder,
+)
 from ssl_kd.data.transforms import eval_transform
 from ssl_kd.errors import ConfigError, UserError
 
@@ -85,7 +90,8 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
         eval.knn_train_path / eval.knn_val_path when both are set; else None (no labels).
 
     Raises:
-        ConfigError: a k-NN folder is missing or has no class sub-folders.
+        ConfigError: a k-NN folder is missing, has no class sub-folders, or holds images at
+            its top level (they would have no label).
     """
     size = data.global_crop_size
     if data.name == "digits":
@@ -99,11 +105,16 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
     for key, folder in folders.items():
         if not folder.is_dir():
             raise ConfigError(f"{key}={folder} is not a folder")
-        if not has_class_folders(folder):
+        if not is_image_folder(folder):
+            problem = (
+                "holds images at its top level"
+                if has_class_folders(folder)
+                else "has no class sub-folders"
+            )
             raise ConfigError(
-                f"{key}={folder} has no class sub-folders: k-NN needs labelled images, one "
-                "sub-folder per class (the ImageFolder layout), in both eval.knn_train_path "
-                "and eval.knn_val_path"
+                f"{key}={folder} {problem}: k-NN needs labelled images, one sub-folder per "
+                "class and none at the top (the ImageFolder layout), in both "
+                "eval.knn_train_path and eval.knn_val_path"
             )
     train, val = folders.values()
     return _image_folders(train, val, size, False, f"ImageFolders {train} and {val}")
@@ -121,8 +132,11 @@ def _image_folders(
                 *train_transform.transforms[2:],
             ]
         )
-    train = datasets.ImageFolder(str(train_root), train_transform, loader=load_image)
-    val = datasets.ImageFolder(str(val_root), eval_transform(img_size), loader=load_image)
+    try:
+        train = LabelledImageFolder(train_root, train_transform)
+        val = LabelledImageFolder(val_root, eval_transform(img_size))
+    except FileNotFoundError as err:  # no class folder, or a class folder without images
+        raise UserError(f"{name}: {err}") from None
     if train.classes != val.classes:  # labels are class indices: they must mean the same
         raise ConfigError(f"{name}: the train and val folders have different class folders")
     return EvalSplits(

@@ -9,6 +9,7 @@ the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import enum
+import math
 import random
 import sys
 from collections.abc import Iterator
@@ -17,22 +18,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ssl_kd.data.datasets import (
-    DataError,
-    TensorImagesAsPIL,
-    digits,
-    digits_train_size,
-    image_dataset,
-)
+from ssl_kd.data.datasets import TensorImagesAsPIL, digits, digits_train_size, image_dataset
+from ssl_kd.data.images import DataError
 from ssl_kd.data.transforms import (
     BatchedMultiCrop,
     MultiCropSpec,
     lightly_multi_crop,
     lightly_single_crop,
 )
-from ssl_kd.errors import ConfigError
+from ssl_kd.errors import ConfigError, key_list
 from ssl_kd.seeding import generator_for, seed_for
 
 if TYPE_CHECKING:  # the config imports this package's dataset facts: no import cycle at run time
@@ -85,14 +81,19 @@ class SeededSamples(Dataset):
 
     `__getitem__` returns (sample, label, bad) where `bad` names the unreadable files that were
     replaced ("\\n"-joined, "" if none): the main process logs and counts them (workers cannot).
+    The search for a readable replacement gives up after `max_bad + 1` unreadable files in a
+    row (they alone are more than the data set may hold) or once every file was tried: the
+    sample is then None, and `LoaderStream` stops the run with a message rather than a
+    worker's traceback.
     """
 
-    MAX_CONSECUTIVE_BAD = 16
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, max_bad: int) -> None:
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
+        self.max_bad = max_bad
+        # index → "path\tmessage" of files this process found unreadable: not read again
+        self.known_bad: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -100,8 +101,11 @@ class SeededSamples(Dataset):
     def __getitem__(self, index: int) -> tuple[object, int, str]:
         bad: list[str] = []
         size = len(self)
-        for hop in range(self.MAX_CONSECUTIVE_BAD):
+        for hop in range(min(size, self.max_bad + 1)):
             candidate = (index + hop) % size
+            if candidate in self.known_bad:
+                bad.append(self.known_bad[candidate])
+                continue
             # lightly's transforms draw from all three global generators
             seed = seed_for(self.seed, "sample", self.epoch, candidate)
             torch.manual_seed(seed)
@@ -110,15 +114,19 @@ class SeededSamples(Dataset):
             try:
                 sample, label = self.dataset[candidate]
             except DataError as err:
-                bad.append(f"{err.path}\t{err}")
+                self.known_bad[candidate] = f"{err.path}\t{err}"
+                bad.append(self.known_bad[candidate])
                 continue
             return sample, label, "\n".join(bad)
-        first = bad[0].partition("\t")[0]
-        raise DataError(
-            f"{self.MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} "
-            f"({first}, ...): is data.path the right folder?",
-            first,
-        )
+        return None, -1, "\n".join(bad)
+
+
+def collate_samples(items: list[tuple[object, int, str]]) -> tuple[object, object, list[str]]:
+    """torch's default collation of (sample, label, bad) triples; when a sample found no
+    readable image, (None, None, the bad lists), for the main process to stop the run."""
+    if any(sample is None for sample, _, _ in items):
+        return None, None, [bad for _, _, bad in items]
+    return default_collate(items)
 
 
 class TensorMultiCropStream:
@@ -157,16 +165,20 @@ class LoaderStream:
     """A map-style dataset whose items are lists of views, through a DataLoader.
 
     Unreadable images are replaced by the next readable one (`SeededSamples`); with
-    `on_error="skip"` each is logged once and kept in `bad_files`, with "error" the first one
-    stops the run with a `DataError` naming it.
+    `on_error="skip"` each is logged once and kept in `bad_files`, any number of them until
+    they are more than `max_bad_fraction` of the data set; with "error" the first one stops
+    the run. Either stop is a `DataError` naming the files.
     """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
-        world_size: int = 1, on_error: str = "skip",
+        world_size: int = 1, on_error: str = "skip", max_bad_fraction: float = 0.1,
     ) -> None:  # fmt: skip
         self.dataset = dataset
-        self.samples = SeededSamples(dataset, seed)
+        self.size: int = len(dataset)  # type: ignore[arg-type]
+        self.max_bad_fraction = max_bad_fraction
+        self.max_bad = math.floor(max_bad_fraction * self.size)  # more stops the run
+        self.samples = SeededSamples(dataset, seed, self.max_bad)
         self.on_error = on_error
         self.bad_files: set[str] = set()
         self.batch_size = batch_size
@@ -186,10 +198,16 @@ class LoaderStream:
         loader = DataLoader(
             self.samples, batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-            persistent_workers=False,
+            persistent_workers=False, collate_fn=collate_samples,
         )  # fmt: skip
         for views, _labels, bad in loader:
             self._note_bad(bad)
+            if views is None:  # only reached when data.max_bad_fraction=1 lets every file fail
+                raise DataError(
+                    f"no readable image in the data set: all {self.size} files tried are "
+                    f"unreadable ({key_list(sorted(self.bad_files), 3)})",
+                    min(self.bad_files, default=""),
+                )
             yield views
 
     def _note_bad(self, entries: list[str]) -> None:
@@ -198,7 +216,9 @@ class LoaderStream:
                 path, _, message = line.partition("\t")
                 if self.on_error == "error":
                     raise DataError(
-                        f"{message} (data.on_error=error; data.on_error=skip trains on without it)",
+                        f"{message}. Remove or replace the file and restart; the last "
+                        "checkpoint is kept (data.on_error=error; data.on_error=skip trains on "
+                        "without it)",
                         path,
                     )
                 if path not in self.bad_files:
@@ -209,6 +229,20 @@ class LoaderStream:
                         file=sys.stderr,
                         flush=True,
                     )
+        self._check_bad_fraction()
+
+    def _check_bad_fraction(self) -> None:
+        count = len(self.bad_files)
+        if count <= self.max_bad:
+            return
+        listed = key_list(sorted(self.bad_files), 3)
+        raise DataError(
+            f"{count} of the {self.size} images are unreadable ({count / self.size:.1%}), more "
+            f"than data.max_bad_fraction={self.max_bad_fraction}: {listed}. Is data.path the "
+            "right folder, or a copy cut short? To train on without them, rerun with "
+            "data.max_bad_fraction raised: the run resumes from its last checkpoint, kept",
+            min(self.bad_files),
+        )
 
 
 def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:
@@ -263,10 +297,13 @@ def build_train_stream(
             dataset: Dataset = TensorImagesAsPIL(digits(seed, data.test_fraction)[0], transform)
         else:
             assert data.path is not None
-            dataset = image_dataset(data.path, transform)
+            dataset = folder = image_dataset(data.path, transform)
+            if rank == 0:  # once per run, not per rank or DataLoader worker
+                print(f"data.path {data.path}: {folder.description}", flush=True)
         stream = LoaderStream(
-            dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error
-        )
+            dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error,
+            data.max_bad_fraction,
+        )  # fmt: skip
         size = len(dataset)  # type: ignore[arg-type]
     if stream.steps_per_epoch == 0:
         raise ConfigError(

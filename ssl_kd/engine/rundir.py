@@ -25,7 +25,8 @@ from ssl_kd.run_config import config_from_dict
 RESUMABLE_CHANGES = (
     "output_dir", "train.max_steps", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.device", "train.on_nonfinite", "train.max_skipped_steps",
-    "train.debug_nan_at_steps", "data.num_workers", "data.on_error", "eval.",
+    "train.debug_nan_at_steps", "data.num_workers", "data.on_error",
+    "data.max_bad_fraction", "eval.",
 )  # fmt: skip
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl", "summary.json", "config.yaml")
 
