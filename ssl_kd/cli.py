@@ -148,7 +148,7 @@ def _flops(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ssl_kd.models.export import export_backbone
 
-    keys = export_backbone(args.checkpoint, args.out)
+    keys = export_backbone(args.checkpoint, args.out, force=args.force)
     print(f"wrote {len(keys)} tensors to {args.out}")
     return 0
 
@@ -226,10 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a timm-loadable backbone state dict",
         description="Writes the backbone a run evaluates (DINO: the teacher; MAE/DMAE: the "
         "encoder) without prefixes or heads; timm.create_model(name, pretrained=True, "
-        "num_classes=0, pretrained_cfg_overlay=dict(file=OUT)) loads it strictly.",
+        "num_classes=0, pretrained_cfg_overlay=dict(file=OUT)) loads it strictly. The input "
+        "is read weights-only (a file that would run code is refused). OUT is never the input "
+        "nor a training checkpoint; an existing OUT is replaced only with --force.",
     )
     export.add_argument("checkpoint", help="an ssl_kd checkpoint.pth (or MAE/timm state dict)")
     export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
+    export.add_argument(
+        "--force", action="store_true", help="replace OUT if it exists (atomically)"
+    )
     export.set_defaults(run=_export)
 
     add_eval_commands(commands)

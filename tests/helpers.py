@@ -101,6 +101,24 @@ def official_mae_state(backbone: ViTBackbone) -> dict[str, Any]:
     return {"model": state, "optimizer": {}, "epoch": 799}
 
 
+class _RunsAShellCommand:
+    """Unpickling this calls os.system(command): what a hostile `.pth` file does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def write_malicious_checkpoint(path: Path, marker: Path, pickle_protocol: int = 2) -> None:
+    """A `.pth` that looks like a backbone state dict and, when unpickled, creates `marker`
+    (`touch`): reading it must never create the file."""
+    state = {"model": {"cls_token": torch.zeros(1, 1, 64)}, "epoch": 1}
+    state["args"] = _RunsAShellCommand(f"touch {marker}")
+    torch.save(state, path, pickle_protocol=pickle_protocol)
+
+
 # --- real `ssl-kd` processes ----------------------------------------------------------------
 def _cli_command(args: Sequence[str], launcher: Sequence[str]) -> list[str]:
     return [sys.executable, *launcher, "-m", "ssl_kd.cli", *map(str, args)]

@@ -23,6 +23,7 @@ from torch import nn
 
 from ssl_kd.errors import UserError, key_list
 from ssl_kd.files import temporary_path, write_atomic
+from ssl_kd.safe_load import describe_load_error, load_weights_only
 
 CHECKPOINT_NAME = "checkpoint.pth"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
@@ -46,23 +47,28 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Loads a training checkpoint, with errors that say what is wrong and what to do."""
+    """Loads a training checkpoint (tensors and plain types only: nothing in it can run code),
+    with errors that say what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        state = load_weights_only(path, mmap=mmap)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). Move it away to "
+            f"{path} is not a readable checkpoint ({describe_load_error(err)}). Move it away to "
             "start from scratch, restore it from a backup, or pass --strict false to resume "
             "from the newest readable checkpoint-<step>.pth."
         ) from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(
-            f"{path} is not an ssl_kd training checkpoint (missing {', '.join(missing)}). "
-            "Use a fresh output_dir, or move the file away."
+            f"{path} is not an ssl_kd training checkpoint (missing {', '.join(missing)}: an "
+            "exported backbone or another program's file?). Pass --strict false to resume from "
+            "the newest checkpoint-<step>.pth beside it, move the file away, or use a fresh "
+            "output_dir."
         )
     return state
 
@@ -149,10 +155,13 @@ class CheckpointStore:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a step may draw from (the trainer also reseeds per step)."""
+    """Every RNG a step may draw from (the trainer also reseeds per step), as tensors and plain
+    types: numpy's MT19937 key array is saved as a list, so a weights-only load reads it."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -162,7 +171,12 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {
+        **numpy_state["state"],
+        "key": np.asarray(numpy_state["state"]["key"], np.uint32),
+    }
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,6 +8,9 @@ Layouts recognised (the first that matches wins):
   `head.*` dropped; facebookresearch/dino `checkpoint.pth`);
 - an official MAE checkpoint (`{"model": ...}`; `decoder_*` and `mask_token` dropped);
 - `{"state_dict": ...}`, a bare timm state dict, or an ssl_kd export (`.safetensors`).
+
+`.pth` files are read weights-only (`ssl_kd.safe_load`, with the objects official DINO/MAE
+checkpoints pickle allowed): a file that would run code when read is refused.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ssl_kd.errors import UserError, key_list
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.safe_load import describe_load_error, load_weights_only
 
 # Keys a backbone never has: classifier heads, MAE's decoder and mask token.
 IGNORED_PREFIXES = ("head.", "decoder_", "mask_token", "fc_norm.")
@@ -65,12 +68,24 @@ def _read(path: Path) -> Any:
                 f"expected {KNOWN_LAYOUTS}"
             ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_weights_only(path, official=True)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(
-            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); it may "
+            f"{path} is not a readable PyTorch checkpoint ({describe_load_error(err)}); it may "
             f"be truncated or not written by torch.save. Expected {KNOWN_LAYOUTS}"
         ) from None
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds an ssl_kd training checkpoint (the layout `read_backbone_weights`
+    reads as one); read weights-only, and a file that cannot be read is not one."""
+    try:
+        state = load_weights_only(path, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and "method" in state and "config" in state
 
 
 def run_backbones(state: dict[str, Any]) -> tuple[dict[str, str], str]:
