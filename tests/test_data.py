@@ -82,9 +82,7 @@ def test_image_folder_and_flat_folder(tmp_path):
 def test_corrupt_image_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(
-        DataError, match=r"cannot read image .*broken.jpg.*Remove or replace"
-    ) as err:
+    with pytest.raises(DataError, match=r"^cannot read image .*broken.jpg: ") as err:
         load_image(str(bad))
     assert err.value.path == str(bad)
     assert isinstance(err.value, RunFailed) and err.value.exit_code == 1

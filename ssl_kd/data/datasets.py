@@ -44,11 +44,7 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(handle)
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"cannot read image {path}: {err}. Remove or replace the file and restart; "
-            "the last checkpoint is kept.",
-            path,
-        ) from None
+        raise DataError(f"cannot read image {path}: {err}", path) from None
 
 
 class FlatImageFolder(Dataset):
