@@ -28,12 +28,16 @@ to OUTPUT_DIR/metrics.jsonl and the end result to OUTPUT_DIR/summary.json.
 
 Reliability: a killed run started again with the same command resumes from
 OUTPUT_DIR/checkpoint.pth (written atomically every train.checkpoint_every_steps and at each
-epoch end; train.keep_checkpoints numbered copies are kept). A different config in an
-OUTPUT_DIR that holds another run's checkpoint is refused unless --resume (continue the saved
-run with its config) or --overwrite (delete it, start this one). A NaN/Inf loss stops the run
-(train.on_nonfinite=skip skips up to train.max_skipped_steps steps); unreadable images are
-skipped and counted (data.on_error=error stops instead). Exit status: 0 done, 1 the run failed
-(non-finite loss, unreadable image), 2 a bad command, config, data path or checkpoint.
+epoch end; train.keep_checkpoints numbered copies are kept); SIGTERM saves one at the next step
+and exits 143. One run at a time per OUTPUT_DIR (a lock, OUTPUT_DIR/.lock). A different config
+in an OUTPUT_DIR that holds another run (its checkpoint, or its config.yaml before the first
+checkpoint) is refused unless --resume (continue the saved run with its config) or
+--overwrite (delete everything it wrote, eval/ and logs/ included, and start this one);
+data.path may change if the data order (images, batches per epoch) stays the same. A NaN/Inf
+loss stops the run (train.on_nonfinite=skip skips up to train.max_skipped_steps steps);
+unreadable images are skipped and counted (data.on_error=error stops instead). Exit status:
+0 done, 1 the run failed (non-finite loss, unreadable image), 2 a bad command, config, data
+path or checkpoint, or OUTPUT_DIR in use, 143 stopped by SIGTERM after a final checkpoint.
 """
 
 FLOPS_HELP = """\
@@ -179,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument(
         "--overwrite",
         action="store_true",
-        help="OUTPUT_DIR holds a run with another config: delete it and start this one",
+        help="OUTPUT_DIR holds a run with another config: delete what it wrote (checkpoints, "
+        "logs, tb/, eval/; other files are kept) and start this one",
     )
     add_strict_argument(train, "an unreadable checkpoint.pth: resume from the newest readable "
                         "checkpoint-<step>.pth; keys that do not fit: load the rest")  # fmt: skip

@@ -28,6 +28,13 @@ class RunFailed(UserError):
     exit_code = 1
 
 
+class Terminated(RunFailed):
+    """SIGTERM (a scheduler's notice before SIGKILL) stopped the run at a step boundary, after a
+    final checkpoint: exit status 143 (128 + SIGTERM), as a process killed by it would give."""
+
+    exit_code = 143
+
+
 class NonFiniteLoss(RunFailed, FloatingPointError):
     """The loss became NaN or Inf (train.on_nonfinite says what happens then)."""
 

@@ -160,9 +160,14 @@ def start_cli(
     *args: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    new_session: bool = False,
 ) -> subprocess.Popen[str]:
     """Starts `python -m ssl_kd.cli *args` and returns at once, for tests that signal or kill
-    the running process; stdout and stderr are text pipes (read them with communicate())."""
+    the running process; stdout and stderr are text pipes (read them with communicate()).
+
+    `new_session`: the process leads its own process group (its pid is the group's id), which a
+    test may signal as a whole (`os.killpg`) as schedulers do, DataLoader workers included.
+    """
     return subprocess.Popen(
         _cli_command(args, ()),
         stdout=subprocess.PIPE,
@@ -170,6 +175,7 @@ def start_cli(
         text=True,
         env=_checkout_env(env),
         cwd=cwd,
+        start_new_session=new_session,
     )
 
 
@@ -187,6 +193,26 @@ def run_python(
     )
 
 
+def wait_for_step(process: subprocess.Popen[str], run: Path, step: int) -> None:
+    """Returns as soon as `run/metrics.jsonl` shows `step` logged.
+
+    Raises:
+        AssertionError: the process ended first, or 240 s passed.
+    """
+    import time
+
+    logged = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    prefix = f'{{"step": {step},'
+    while time.time() < deadline and process.poll() is None:
+        if logged.exists() and any(
+            line.startswith(prefix) for line in logged.read_text().splitlines()
+        ):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was never logged (exit status {process.poll()})")
+
+
 def kill_after_step(process: subprocess.Popen[str], run: Path, step: int) -> None:
     """SIGKILLs a training process as soon as `run/metrics.jsonl` shows `step` logged.
 
@@ -194,17 +220,8 @@ def kill_after_step(process: subprocess.Popen[str], run: Path, step: int) -> Non
         AssertionError: the run ended by itself before it could be killed.
     """
     import signal
-    import time
 
-    logged = run / "metrics.jsonl"
-    deadline = time.time() + 240
-    prefix = f'{{"step": {step},'
-    while time.time() < deadline:
-        if logged.exists() and any(
-            line.startswith(prefix) for line in logged.read_text().splitlines()
-        ):
-            break
-        time.sleep(0.02)
+    wait_for_step(process, run, step)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -11,8 +11,9 @@ from tests.helpers import tiny_config, tiny_overrides
 
 
 def truncate(path, keep=0.5):
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    """Cuts the file in place (the same file, as `truncate` or a tool writing over it would)."""
+    with open(path, "r+b") as handle:
+        handle.truncate(int(handle.seek(0, 2) * keep))
 
 
 def test_keeps_the_last_k_numbered_checkpoints(tmp_path):
@@ -35,9 +36,11 @@ def test_keep_zero_writes_only_checkpoint_pth(tmp_path):
 def test_numbered_copy_survives_the_next_save(tmp_path):
     store = CheckpointStore(tmp_path, keep=2)
     store.save({"step": 1}, 1)
-    store.save({"step": 2}, 2)  # replaces checkpoint.pth; the hard-linked copy keeps step 1
+    store.save({"step": 2}, 2)  # replaces checkpoint.pth; the copy keeps step 1
     assert torch.load(tmp_path / "checkpoint-000001.pth")["step"] == 1
     assert torch.load(tmp_path / "checkpoint.pth")["step"] == 2
+    newest = (tmp_path / "checkpoint-000002.pth").stat()
+    assert newest.st_nlink == 1 and newest.st_ino != (tmp_path / "checkpoint.pth").stat().st_ino
 
 
 def train_args(tmp_path, run, *extra):
@@ -49,9 +52,11 @@ def train_args(tmp_path, run, *extra):
 def test_truncated_checkpoint_is_named_and_strict_false_resumes_from_a_numbered_one(
     tmp_path, capsys
 ):
+    """checkpoint.pth (step 3) cut in place: the numbered copy of the same step is a file of
+    its own (a hard link would be cut too), so --strict false resumes from it, losing nothing."""
     run = tmp_path / "run"
     train(tiny_config(run, **{"train.max_steps": 3, "train.checkpoint_every_steps": 2}))
-    truncate(run / "checkpoint.pth")  # step 3; checkpoint-000002.pth is intact
+    truncate(run / "checkpoint.pth")  # checkpoint-000002.pth and checkpoint-000003.pth intact
     assert main(train_args(tmp_path, run)) == 2
     err = capsys.readouterr().err
     assert f"{run / 'checkpoint.pth'} is not a readable checkpoint" in err
@@ -62,7 +67,7 @@ def test_truncated_checkpoint_is_named_and_strict_false_resumes_from_a_numbered_
     assert "skipped" in captured.err and "checkpoint.pth is not a readable checkpoint" in (
         captured.err
     )
-    assert f"resumed from {run / 'checkpoint-000002.pth'} at step 2" in captured.out
+    assert f"resumed from {run / 'checkpoint-000003.pth'} at step 3" in captured.out
     assert load_checkpoint(run / "checkpoint.pth")["step"] == 4
 
 

@@ -174,3 +174,30 @@ def test_resume_gives_every_rank_the_saved_config(tmp_path):
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], abs=LOSS_TOLERANCE)
+
+
+def test_a_held_output_dir_stops_every_rank_with_the_holders_name(tmp_path):
+    """Rank 0 alone takes the output dir's lock (a successful 2-rank run above shows that rank
+    1 never tries: it would find rank 0's lock); when another run holds it, rank 0 hands the
+    one-line error to every rank, and none waits for a config that never comes."""
+    import os
+
+    from ssl_kd.engine.lock import RunLock
+
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text("method: dino\n")
+    holder = RunLock(run)
+    holder.acquire()
+    try:
+        result = run_cli(
+            "train", str(config), *tiny_overrides(run, **{"train.batch_size": PER_RANK_BATCH}),
+            env={"OMP_NUM_THREADS": "1"}, timeout=180,
+            launcher=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+        )  # fmt: skip
+    finally:
+        holder.release()
+    assert result.returncode != 0
+    message = f"ssl-kd: error: output_dir {run} is in use by another run: pid {os.getpid()}"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]  # rank 0 and rank 1
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]

@@ -113,7 +113,7 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     state = load_checkpoint(tmp_path / "checkpoint.pth")
     assert {"method", "optimizer", "step", "config", "rng", "data", "faults"} <= state.keys()
     assert {"python", "numpy", "torch"} <= state["rng"].keys()
-    assert state["data"] == {"batch": 2, "steps_per_epoch": 44, "bad_files": []}
+    assert state["data"] == {"batch": 2, "steps_per_epoch": 44, "images": 1437, "bad_files": []}
     keys = state["method"].keys()
     assert "loss_fn.center" in keys  # the DINO center
     assert any(k.startswith("teacher.head.") for k in keys)
@@ -196,6 +196,7 @@ def test_corrupt_images_are_skipped_logged_once_and_counted(tmp_path, capfd):
     err = capfd.readouterr().err
     for path in bad:
         assert err.count(f"cannot read image {path}") == 1, err
+    assert "checkpoint is kept" not in err  # training goes on: nothing stopped
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert lines[-1]["method/skipped_images"] == 3
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["data"]["bad_files"] == bad
@@ -210,7 +211,7 @@ def test_corrupt_image_with_on_error_error_stops_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert any(f"cannot read image {path}" in err for path in bad)
-    assert "data.on_error=skip" in err
+    assert "data.on_error=skip" in err and "resumes from the last checkpoint" in err
     with pytest.raises(DataError):  # and from the library: a DataError naming the file
         train(tiny_config(tmp_path / "run2", **folder_overrides(
             tmp_path / "data", **{"data.on_error": "error"})))  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import signal
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -137,6 +138,7 @@ class TensorMultiCropStream:
         world_size: int = 1, num_views: int | None = None,
     ) -> None:  # fmt: skip
         self.images = images
+        self.num_images = len(images)  # with steps_per_epoch, what fixes the data order
         self.num_views = num_views  # keep only the first views (MAE: 1)
         self.crop = BatchedMultiCrop(spec)
         self.batch_size = batch_size
@@ -186,7 +188,8 @@ class LoaderStream:
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
-        self.steps_per_epoch = batches_per_epoch(len(dataset), batch_size, world_size)  # type: ignore[arg-type]
+        self.num_images: int = len(dataset)  # type: ignore[arg-type]
+        self.steps_per_epoch = batches_per_epoch(self.num_images, batch_size, world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[Tensor]]:
         """The views of each batch of `epoch` from `start_batch` on."""
@@ -199,6 +202,7 @@ class LoaderStream:
             self.samples, batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
             persistent_workers=False, collate_fn=collate_samples,
+            worker_init_fn=_leave_sigterm_to_the_trainer,
         )  # fmt: skip
         for views, _labels, bad in loader:
             self._note_bad(bad)
@@ -216,9 +220,9 @@ class LoaderStream:
                 path, _, message = line.partition("\t")
                 if self.on_error == "error":
                     raise DataError(
-                        f"{message}. Remove or replace the file and restart; the last "
-                        "checkpoint is kept (data.on_error=error; data.on_error=skip trains on "
-                        "without it)",
+                        f"{message} (data.on_error=error; data.on_error=skip trains on without "
+                        "it). Remove or replace the file and run the same command again: it "
+                        "resumes from the last checkpoint",
                         path,
                     )
                 if path not in self.bad_files:
@@ -243,6 +247,13 @@ class LoaderStream:
             "data.max_bad_fraction raised: the run resumes from its last checkpoint, kept",
             min(self.bad_files),
         )
+
+
+def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """Slurm signals every process of a job step, workers included: a worker killed by SIGTERM
+    would fail the trainer's next batch before its final save (engine/stop.py). Workers ignore
+    it and end when the loader shuts them down, or within seconds of the trainer's exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:

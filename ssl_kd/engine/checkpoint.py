@@ -2,8 +2,10 @@
 
 `output_dir/checkpoint.pth` is the one a run resumes from (never a numbered copy: the MAE
 requeue bug). `train.keep_checkpoints=K` also keeps `checkpoint-<step>.pth` for the last K
-saves, hard links of `checkpoint.pth` where the file system allows it (no extra disk until the
-next save replaces `checkpoint.pth`), the oldest pruned.
+saves, the oldest pruned. Each numbered copy is a file of its own, written atomically from the
+bytes just saved: a hard link would share its data with `checkpoint.pth`, so a tool or a user
+rewriting `checkpoint.pth` in place (a `truncate`, a copy over it) would corrupt the newest copy
+too, the one `--strict false` falls back on.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import torch
 from torch import nn
 
 from ssl_kd.errors import UserError, key_list
-from ssl_kd.files import temporary_path, write_atomic
+from ssl_kd.files import write_atomic
 from ssl_kd.safe_load import describe_load_error, load_weights_only
 
 CHECKPOINT_NAME = "checkpoint.pth"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
-# Test hook: SIGKILL this process inside its N-th save_atomic call (1-based), after the
-# temporary file is fully written and before it replaces the checkpoint.
+COPY_CHUNK = 16 << 20
+# Test hooks: SIGKILL (or SIGSTOP: the process waits for a SIGCONT) this process inside its
+# N-th save_atomic call (1-based), after the temporary file is fully written and before it
+# replaces the checkpoint.
 KILL_IN_SAVE_ENV = "SSL_KD_TEST_KILL_IN_SAVE"
+STOP_IN_SAVE_ENV = "SSL_KD_TEST_STOP_IN_SAVE"
 _saves_in_this_process = 0
 
 
@@ -38,11 +43,14 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save through `files.write_atomic`: a crash mid-write leaves the old file."""
     global _saves_in_this_process
     _saves_in_this_process += 1
-    kill = os.environ.get(KILL_IN_SAVE_ENV) == str(_saves_in_this_process)
+    hooks = {KILL_IN_SAVE_ENV: signal.SIGKILL, STOP_IN_SAVE_ENV: signal.SIGSTOP}
+    signals = [
+        sig for env, sig in hooks.items() if os.environ.get(env) == str(_saves_in_this_process)
+    ]
     write_atomic(
         path,
         lambda handle: torch.save(state, handle),
-        before_replace=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None,
+        before_replace=(lambda: os.kill(os.getpid(), signals[0])) if signals else None,
     )
 
 
@@ -100,19 +108,19 @@ class CheckpointStore:
         save_atomic(state, self.path)
         if self.keep <= 0:
             return
-        copy = self.output_dir / f"checkpoint-{step:06d}.pth"
-        tmp = temporary_path(copy)
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(self.path, tmp)
-        except OSError:  # no hard links here (some network file systems): a real copy
-            shutil.copyfile(self.path, tmp)
-        os.replace(tmp, copy)
+        with open(self.path, "rb") as saved:
+            write_atomic(
+                self.output_dir / f"checkpoint-{step:06d}.pth",
+                lambda handle: shutil.copyfileobj(saved, handle, COPY_CHUNK),
+            )
         for old in self.numbered()[: -self.keep]:
             old.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Temporary files of saves that a kill interrupted (never a complete checkpoint)."""
+        """Temporary files of saves that a kill interrupted (never a complete checkpoint).
+
+        Only with the output dir's lock held (engine/lock.py): a live run's save in progress
+        has the same names."""
         stale = sorted(self.output_dir.glob(".checkpoint*.pth.tmp-*"))
         for path in stale:
             path.unlink(missing_ok=True)

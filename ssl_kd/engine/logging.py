@@ -22,10 +22,11 @@ class RunLogger:
     def __init__(
         self, output_dir: str | Path, rank: int = 0, purge_step: int | None = None
     ) -> None:
-        """`purge_step`: a resumed run's checkpoint step. TensorBoard then hides every event an
-        earlier process logged at a later step (a killed run's unsaved steps, which this run
-        logs again, like `trim_metrics` does for metrics.jsonl). SummaryWriter's own purge_step
-        hides steps >= its value, hence + 1: the checkpoint's step was logged before the save."""
+        """`purge_step`: a resumed run's checkpoint step (0 for a run restarted before its first
+        checkpoint). TensorBoard then hides every event an earlier process logged at a later
+        step (a killed run's unsaved steps, which this run logs again, like `trim_metrics` does
+        for metrics.jsonl). SummaryWriter's own purge_step hides steps >= its value, hence + 1:
+        the checkpoint's step was logged before the save."""
         self.rank = rank
         self.enabled = enabled = rank == 0
         self.output_dir = Path(output_dir)

@@ -1,22 +1,33 @@
 """Output-dir safety: a run never silently continues, or overwrites, another run's checkpoint.
 
 The same config resumes (keys that do not change what is trained, such as `train.max_steps`
-or `eval.*`, may differ). A different config in an output dir holding a checkpoint is refused
-with the differing keys named, unless `resume` (continue the saved run with its own config)
-or `overwrite` (delete the saved run and start this one).
+or `eval.*`, may differ; so may `data.path`, the data order being checked when the checkpoint
+loads). A different config is refused with the differing keys named, unless `resume` (continue
+the saved run with its own config) or `overwrite` (delete the saved run and start this one).
+The config is compared with the checkpoint's, or, before the first checkpoint, with the
+`config.yaml` of a run that began training (it created `metrics.jsonl`); a `config.yaml` alone
+is the leftover of a start that failed before training (a bad model, a missing folder) and is
+replaced. Metrics logged after the checkpoint (all of them when there is none) are dropped.
+
+The caller holds the dir's lock (engine/lock.py): nothing here races a live run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ssl_kd.config import Config, flatten, to_dict
 from ssl_kd.config.merge import free_dicts
 from ssl_kd.engine.checkpoint import CheckpointStore
-from ssl_kd.errors import ConfigError
+from ssl_kd.engine.lock import LOCK_NAME
+from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.files import write_text_atomic
 from ssl_kd.methods import registry
 from ssl_kd.run_config import config_from_dict
@@ -25,10 +36,14 @@ from ssl_kd.run_config import config_from_dict
 RESUMABLE_CHANGES = (
     "output_dir", "train.max_steps", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.device", "train.on_nonfinite", "train.max_skipped_steps",
-    "train.debug_nan_at_steps", "data.num_workers", "data.on_error",
+    "train.debug_nan_at_steps", "data.num_workers", "data.on_error", "data.path",
     "data.max_bad_fraction", "eval.",
 )  # fmt: skip
+# What a run writes in its output dir, and all that --overwrite deletes: `ssl-kd train`'s files
+# and folders, and `eval/` (where `ssl-kd eval` writes a run's results by default).
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl", "summary.json", "config.yaml")
+RUN_FOLDERS = ("tb", "logs", "eval")
+RUN_TEMPORARIES = (*(f".{name}.tmp-*" for name in RUN_FILES), ".checkpoint-*.pth.tmp-*")
 
 
 def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
@@ -53,7 +68,7 @@ def prepare_output_dir(
 
     Raises:
         ConfigError: the saved run's config differs and neither resume nor overwrite is set.
-        ValueError: the saved checkpoint is unreadable (strict), naming the file.
+        UserError: the saved checkpoint (strict) or config.yaml is unreadable, naming the file.
     """
     output_dir = Path(cfg.output_dir)
     store = CheckpointStore(output_dir, cfg.train.keep_checkpoints)
@@ -62,29 +77,97 @@ def prepare_output_dir(
         return cfg
     if not output_dir.is_dir():
         return cfg
-    stale = store.remove_stale_temporaries()
+    stale = store.remove_stale_temporaries()  # the caller's lock: no live run is saving
     if stale:
         print(f"removed {len(stale)} temporary file(s) of an interrupted save in {output_dir}")
     found = store.load_latest(strict, mmap=True)
-    if found is None:
-        return cfg
-    state, path = found
-    differences = config_differences(to_dict(cfg), state["config"])
-    if differences:
-        listed = "; ".join(
-            f"{key}={new!r} here vs {old!r} saved" for key, (new, old) in differences.items()
-        )
-        if not resume:
-            raise ConfigError(
-                f"output_dir {output_dir} holds another run ({path.name} at step "
-                f"{state['step']}) whose config differs: {listed}. Pass --resume to continue the "
-                "saved run with its config, --overwrite to delete it and start this one, or "
-                "choose another output_dir"
-            )
-        cfg = _with_saved_values(cfg, {key: old for key, (_, old) in differences.items()})
-        print(f"--resume: continuing the saved run with its config ({listed})")
-    trim_metrics(output_dir / "metrics.jsonl", int(state["step"]))
+    if found is not None:
+        state, path = found
+        saved, step = state["config"], int(state["step"])
+        source = f"{path.name} at step {step}"
+    else:
+        saved, step = _started_config(output_dir), 0
+        source = "config.yaml, stopped before its first checkpoint"
+    if saved is not None:
+        cfg = _settle_differences(cfg, saved, source, output_dir, resume)
+        _note_data_path(cfg, saved)
+    trim_metrics(output_dir / "metrics.jsonl", step)
     return cfg
+
+
+def _started_config(output_dir: Path) -> dict[str, Any] | None:
+    """config.yaml of a run that began training (it opened metrics.jsonl), else None."""
+    path = output_dir / "config.yaml"
+    if not (path.is_file() and (output_dir / "metrics.jsonl").exists()):
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(
+            f"{path} is not readable ({type(err).__name__}); restore it, or pass --overwrite "
+            "to delete that run"
+        ) from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} holds no config; restore it, or pass --overwrite")
+    return saved
+
+
+def _settle_differences(
+    cfg: Config, saved: dict[str, Any], source: str, output_dir: Path, resume: bool
+) -> Config:
+    differences = config_differences(to_dict(cfg), saved)
+    if not differences:
+        return cfg
+    listed = "; ".join(
+        f"{key}={new!r} here vs {old!r} saved" for key, (new, old) in differences.items()
+    )
+    if not resume:
+        raise ConfigError(
+            f"output_dir {output_dir} holds another run ({source}) whose config differs: "
+            f"{listed}. Pass --resume to continue the saved run with its config, --overwrite to "
+            "delete it and start this one, or choose another output_dir"
+        )
+    print(f"--resume: continuing the saved run with its config ({listed})")
+    return _with_saved_values(cfg, {key: old for key, (_, old) in differences.items()})
+
+
+def _note_data_path(cfg: Config, saved: dict[str, Any]) -> None:
+    before = saved.get("data", {}).get("path")
+    now = cfg.data.path
+    if before == now or (before and now and os.path.normpath(before) == os.path.normpath(now)):
+        return
+    print(
+        f"data.path changed: {now} (the saved run read {before}); the run goes on if the data "
+        "order is the same (images and batches per epoch, checked against the checkpoint)"
+    )
+
+
+def check_data_order(
+    state: dict[str, Any], path: Path, data_path: str | None, images: int, batches: int,
+    strict: bool,
+) -> None:  # fmt: skip
+    """The data may move (data.path may change), the order of its batches may not: that is a
+    function of the number of images and of batches per epoch (and of the seed), which the
+    checkpoint `state` at `path` holds.
+
+    Raises:
+        UserError: (strict) they differ; without strict, a warning.
+    """
+    saved = state.get("data", {})
+    now = (images, batches)
+    # Checkpoints written before the image count was saved: the batches alone.
+    before = (saved.get("images", images), saved.get("steps_per_epoch", batches))
+    if before == now:
+        return
+    saved_path = state["config"].get("data", {}).get("path")
+    problem = (
+        f"{path}: the data (data.path={data_path}) gives {images} images and {batches} batches "
+        f"per epoch, the run was saved with {before[0]} images and {before[1]} batches "
+        f"(data.path={saved_path}), so the resumed data order differs"
+    )
+    if strict:
+        raise UserError(f"{problem}; point data.path at the run's data, or pass --strict false")
+    print(f"warning (--strict false): {problem}", file=sys.stderr)
 
 
 def _with_saved_values(cfg: Config, saved: dict[str, Any]) -> Config:
@@ -99,19 +182,28 @@ def _with_saved_values(cfg: Config, saved: dict[str, Any]) -> Config:
 
 
 def remove_run(output_dir: Path) -> None:
-    """Deletes what a run writes (checkpoints, logs, summary, config); nothing else."""
+    """Deletes what a run wrote (RUN_FILES, its numbered checkpoints, the temporary files of
+    its atomic writes, RUN_FOLDERS) and nothing else: files a user put beside it are kept and
+    named."""
     if not output_dir.is_dir():
         return
-    removed = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
-    removed += sorted(output_dir.glob("checkpoint-*.pth"))
-    removed += sorted(output_dir.glob(".checkpoint*.pth.tmp-*"))
+    removed = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
+    removed += CheckpointStore(output_dir, 0).numbered()
+    for pattern in RUN_TEMPORARIES:
+        removed += sorted(output_dir.glob(pattern))
     for path in removed:
         path.unlink()
-    if (output_dir / "tb").is_dir():
-        shutil.rmtree(output_dir / "tb")
-        removed.append(output_dir / "tb")
+    for name in RUN_FOLDERS:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+            removed.append(output_dir / name)
+    kept = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
     if removed:
-        print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {output_dir}")
+        names = ", ".join(p.name + "/" * (p.name in RUN_FOLDERS) for p in removed)
+        print(
+            f"--overwrite: removed {names} from {output_dir}"
+            + (f"; kept {', '.join(kept)} (not written by ssl-kd)" if kept else "")
+        )
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -2,6 +2,8 @@
 
 `train(cfg)` is where the CLI, torchrun and the submitit callable all end. It resumes from
 `output_dir/checkpoint.pth` when that file exists, so a requeued job never restarts from zero.
+Rank 0 holds the output dir's lock for the run's whole life (engine/lock.py); SIGTERM ends the
+run at the next step boundary with a final checkpoint (engine/stop.py).
 Under torch.distributed (engine/distributed.py) each rank trains on its shard of every global
 batch through DDP; rank 0 alone writes logs, checkpoints and evaluates while the others wait.
 """
@@ -30,9 +32,11 @@ from ssl_kd.engine.checkpoint import (
     set_rng_state,
 )
 from ssl_kd.engine.faults import NonFiniteGuard
+from ssl_kd.engine.lock import RunLock
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
-from ssl_kd.engine.rundir import prepare_output_dir
-from ssl_kd.errors import UserError
+from ssl_kd.engine.rundir import check_data_order, prepare_output_dir
+from ssl_kd.engine.stop import StopRequest
+from ssl_kd.errors import Terminated, UserError
 from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.files import write_text_atomic
 from ssl_kd.methods import registry
@@ -61,8 +65,9 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: Config, ctx: distributed.DistContext | None = None, *, strict: bool = True
-    ) -> None:
+        self, cfg: Config, ctx: distributed.DistContext | None = None, *, strict: bool = True,
+        stop: StopRequest | None = None,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.ctx = ctx or distributed.current(cfg.train.device)
         self.strict = strict  # False: resume from what loads, with a report (--strict false)
@@ -96,6 +101,8 @@ class Trainer:
         self.checkpoints = CheckpointStore(self.output_dir, cfg.train.keep_checkpoints)
         self.guard = NonFiniteGuard(cfg.train, self.checkpoint_path)
         self.resumed_from = self.checkpoint_path  # or the numbered copy --strict false took
+        self.stop = stop or StopRequest()  # SIGTERM's flag (set only inside `with stop`)
+        self.stopping = False  # a rank saw SIGTERM: every rank stops after this step
 
     def _optimizer(self) -> torch.optim.Optimizer:
         groups = self.method.param_groups()
@@ -143,6 +150,7 @@ class Trainer:
             # Data position: the batch order is a function of (seed, epoch), resumed at this batch.
             "data": {"batch": self.step % self.steps_per_epoch,
                      "steps_per_epoch": self.steps_per_epoch,
+                     "images": self.stream.num_images,
                      "bad_files": sorted(self.stream.bad_files)},
             "faults": self.guard.state_dict(),
             "rng": rng_state(),
@@ -157,15 +165,8 @@ class Trainer:
         state, path = found
         check_model_name(state, self.cfg.model.name, path)
         data = state.get("data", {})
-        saved_batches = data.get("steps_per_epoch", self.steps_per_epoch)
-        if saved_batches != self.steps_per_epoch:
-            problem = (
-                f"{path}: the data now gives {self.steps_per_epoch} batches per epoch, the run "
-                f"was saved with {saved_batches}, so the resumed data order differs"
-            )
-            if self.strict:
-                raise UserError(f"{problem}; restore the data, or pass --strict false")
-            print(f"warning (--strict false): {problem}", file=sys.stderr)
+        check_data_order(state, path, self.cfg.data.path, self.stream.num_images,
+                         self.steps_per_epoch, self.strict)  # fmt: skip
         notes = load_method_state(self.method, state["method"], path, self.strict)
         for note in notes:
             print(f"warning (--strict false): {note}", file=sys.stderr)
@@ -228,7 +229,10 @@ class Trainer:
         counts = {"images": float(out.images or views[0].shape[0]),
                   "teacher_macs": out.teacher_macs,
                   "teacher_macs_unmasked": out.teacher_macs_unmasked}  # fmt: skip
+        # Read with the step's metrics, so that every rank stops after the same step.
+        counts["stop_requested"] = float(self.stop.requested)
         means, counts = distributed.reduce_metrics(means, counts, self.ctx)
+        self.stopping = counts.pop("stop_requested") > 0
         self.totals["teacher_macs"] += counts["teacher_macs"]
         self.totals["teacher_macs_unmasked"] += counts["teacher_macs_unmasked"]
         self.images_seen += int(counts["images"])
@@ -247,8 +251,11 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        restarted = (self.output_dir / "tb").is_dir()  # a run's events are there already
         resumed = self.resume()  # before the logger: TensorBoard hides steps after the checkpoint
-        logger = RunLogger(self.output_dir, self.rank, purge_step=self.step if resumed else None)
+        # Without a checkpoint, all earlier events are hidden (purged from step 0 on).
+        purge_step = self.step if resumed or restarted else None
+        logger = RunLogger(self.output_dir, self.rank, purge_step=purge_step)
         logger.console(
             f"rank {self.rank}/{self.world_size} on {self.device}: batch {cfg.train.batch_size} "
             f"per process, {cfg.train.batch_size * self.world_size} in all",
@@ -277,14 +284,21 @@ class Trainer:
                             self.step, epoch, generator_for(cfg.train.seed, "pictures", self.step)
                         )
                         logger.images(self.step, self.method.pictures(views, state))
-                if self.step % cfg.train.log_every_steps == 0 or self.step == self.last_step:
+                logged = self.step % cfg.train.log_every_steps == 0 or self.step == self.last_step
+                if logged or self.stopping:
                     now = time.perf_counter()
                     images = self.images_seen - window_images
                     metrics["images_per_s"] = images / max(now - window_time, 1e-9)
                     window_time, window_images = now, self.images_seen
                     self._log(logger, metrics, start_step)
-                if self.step % cfg.train.checkpoint_every_steps == 0:
+                if self.step % cfg.train.checkpoint_every_steps == 0 or self.stopping:
                     self.save()
+                if self.stopping:
+                    logger.close()
+                    raise Terminated(
+                        f"SIGTERM: stopped after step {self.step} of {self.last_step}, saved in "
+                        f"{self.checkpoint_path}; the same command resumes from there"
+                    )
                 if self.step >= self.last_step or self.step % self.steps_per_epoch == 0:
                     break
             epoch_done = self.step // self.steps_per_epoch
@@ -347,15 +361,34 @@ def train(
     """
     created = not distributed.is_initialized()
     ctx = distributed.init(cfg.train.device)
+    lock = RunLock(cfg.output_dir) if ctx.is_main else None  # rank 0 alone; the others wait
     try:
-        if ctx.is_main:  # rank 0 checks (and may clear) the output dir; the others wait
-            cfg = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, strict=strict)
-            output_dir = Path(cfg.output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(output_dir / "config.yaml", to_yaml(cfg))
+        settled: Config | UserError = cfg
+        if lock is not None:
+            try:
+                settled = _settle_output_dir(lock, cfg, resume, overwrite, strict)
+            except UserError as err:  # handed to every rank, so that none waits for rank 0
+                settled = err
         # Every rank trains the config rank 0 settled on: --resume may have taken saved values.
-        cfg = distributed.broadcast_object(cfg)
-        return Trainer(cfg, ctx, strict=strict).fit()
+        settled = distributed.broadcast_object(settled)
+        if isinstance(settled, UserError):
+            raise settled
+        with StopRequest() as stop:
+            return Trainer(settled, ctx, strict=strict, stop=stop).fit()
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             distributed.cleanup()
+
+
+def _settle_output_dir(
+    lock: RunLock, cfg: Config, resume: bool, overwrite: bool, strict: bool
+) -> Config:
+    """Locks the output dir, then checks (and may clear) it and writes config.yaml."""
+    note = lock.acquire()  # first: no other run may be reading, saving or clearing the dir
+    if note:
+        print(note)
+    cfg = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, strict=strict)
+    write_text_atomic(Path(cfg.output_dir) / "config.yaml", to_yaml(cfg))
+    return cfg
