@@ -7,10 +7,11 @@ Test modules import shared code from here only, never from another test module o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,40 @@ def official_mae_state(backbone: ViTBackbone) -> dict[str, Any]:
     return {"model": state, "optimizer": {}, "epoch": 799}
 
 
+# --- file systems ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at `mountpoint` (`options`: e.g. `size=1m` or `ro`), unmounted at the end,
+    for tests of full and read-only file systems. Skips the test where mounting is not allowed
+    (not root, or no CAP_SYS_ADMIN in this container)."""
+    import pytest
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)]
+    try:
+        mounted = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def fill(folder: Path) -> None:
+    """Writes into `folder` until its file system is full (ENOSPC)."""
+    import errno
+
+    with open(folder / "filler", "wb", buffering=0) as handle:  # unbuffered: close never fails
+        try:
+            while True:
+                handle.write(bytes(64 << 10))
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
 # --- real `ssl-kd` processes ----------------------------------------------------------------
 def _cli_command(args: Sequence[str], launcher: Sequence[str]) -> list[str]:
     return [sys.executable, *launcher, "-m", "ssl_kd.cli", *map(str, args)]
@@ -142,9 +177,12 @@ def start_cli(
     *args: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    start_new_session: bool = False,
 ) -> subprocess.Popen[str]:
     """Starts `python -m ssl_kd.cli *args` and returns at once, for tests that signal or kill
-    the running process; stdout and stderr are text pipes (read them with communicate())."""
+    the running process; stdout and stderr are text pipes (read them with communicate()).
+    `start_new_session`: the process leads its own process group, which `os.killpg` signals
+    with its DataLoader workers, as Ctrl-C in a shell does."""
     return subprocess.Popen(
         _cli_command(args, ()),
         stdout=subprocess.PIPE,
@@ -152,6 +190,7 @@ def start_cli(
         text=True,
         env=_checkout_env(env),
         cwd=cwd,
+        start_new_session=start_new_session,
     )
 
 
