@@ -1,9 +1,10 @@
 """Output-dir safety: a run never silently continues, or overwrites, another run's checkpoint.
 
 The same config resumes (keys that do not change what is trained, such as `train.max_steps`
-or `eval.*`, may differ). A different config in an output dir holding a checkpoint is refused
-with the differing keys named, unless `resume` (continue the saved run with its own config)
-or `overwrite` (delete the saved run and start this one).
+or `eval.*`, may differ, and so may the optimisation keys a divergence calls for, such as a
+lower `optim.lr`: each such change is logged). A different config in an output dir holding a
+checkpoint is refused with the differing keys named, unless `resume` (continue the saved run
+with its own config) or `overwrite` (delete the saved run and start this one).
 """
 
 from __future__ import annotations
@@ -24,20 +25,44 @@ from ssl_kd.run_config import config_from_dict
 # Keys a resumed run may change: how long, how often, where, what to evaluate; not what.
 RESUMABLE_CHANGES = (
     "output_dir", "train.max_steps", "train.log_every_steps", "train.checkpoint_every_steps",
-    "train.keep_checkpoints", "train.device", "train.on_nonfinite", "train.max_skipped_steps",
-    "train.debug_nan_at_steps", "data.num_workers", "data.on_error", "eval.",
+    "train.keep_checkpoints", "train.device", "train.debug_nan_at_steps", "data.num_workers",
+    "data.on_error", "eval.",
+)  # fmt: skip
+# Optimisation keys a resumed run may retune, each change logged: what a divergence calls for
+# (engine/faults.py says so). The lr and weight-decay schedules are recomputed from the new
+# values and continue at the saved step; the optimizer's moments are kept.
+RETUNABLE_ON_RESUME = (
+    "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "dino.clip_grad",
+    "train.on_nonfinite", "train.max_skipped_steps",
 )  # fmt: skip
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl", "summary.json", "config.yaml")
 
 
 def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
     """dotted key → (current, saved) for the keys that change what is trained."""
+    return {
+        key: values
+        for key, values in _changed(current, saved).items()
+        if not key.startswith(RESUMABLE_CHANGES + RETUNABLE_ON_RESUME)
+    }
+
+
+def retuned_keys(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
+    """dotted key → (current, saved) for the optimisation keys a resume may change."""
+    return {
+        key: values
+        for key, values in _changed(current, saved).items()
+        if key.startswith(RETUNABLE_ON_RESUME)
+    }
+
+
+def _changed(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
     free = free_dicts(registry.sections())
     now, before = flatten(current, free), flatten(saved, free)
     return {
         key: (now[key], before[key])
         for key in sorted(set(now) & set(before))
-        if not key.startswith(RESUMABLE_CHANGES) and _normal(now[key]) != _normal(before[key])
+        if _normal(now[key]) != _normal(before[key])
     }
 
 
@@ -82,6 +107,8 @@ def prepare_output_dir(
             )
         cfg = _with_saved_values(cfg, {key: old for key, (_, old) in differences.items()})
         print(f"--resume: continuing the saved run with its config ({listed})")
+    for key, (new, old) in retuned_keys(to_dict(cfg), state["config"]).items():
+        print(f"{key} changed {old} → {new} on resume (from {path.name} at step {state['step']})")
     trim_metrics(output_dir / "metrics.jsonl", int(state["step"]))
     return cfg
 
