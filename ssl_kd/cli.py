@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ssl_kd.cli_eval import add_eval_commands, add_strict_argument
-from ssl_kd.errors import UserError
+from ssl_kd.errors import Interrupted, UserError
 
 TRAIN_HELP = """\
 Train with the method the config names (<methods>), resuming from OUTPUT_DIR/checkpoint.pth if
@@ -34,10 +35,13 @@ in an OUTPUT_DIR that holds another run (its checkpoint, or its config.yaml befo
 checkpoint) is refused unless --resume (continue the saved run with its config) or
 --overwrite (delete everything it wrote, eval/ and logs/ included, and start this one);
 data.path may change if the data order (images, batches per epoch) stays the same. A NaN/Inf
-loss stops the run (train.on_nonfinite=skip skips up to train.max_skipped_steps steps);
-unreadable images are skipped and counted (data.on_error=error stops instead). Exit status:
-0 done, 1 the run failed (non-finite loss, unreadable image), 2 a bad command, config, data
-path or checkpoint, or OUTPUT_DIR in use, 143 stopped by SIGTERM after a final checkpoint.
+loss stops the run (train.on_nonfinite=skip skips up to train.max_skipped_steps steps); the
+same command with a lower optim.lr (or another optim.* key, dino.clip_grad,
+train.on_nonfinite) then resumes, the change logged. Unreadable images are skipped and counted
+(data.on_error=error stops instead). Exit status: 0 done, 1 the run failed (non-finite loss or
+weights, unreadable image, a full disk), 2 a bad command, config, data path, output dir or
+checkpoint, or OUTPUT_DIR in use, 130 Ctrl-C (the last checkpoint is kept and the same
+command resumes), 143 stopped by SIGTERM after a final checkpoint.
 """
 
 FLOPS_HELP = """\
@@ -52,11 +56,35 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
 
+    from ssl_kd.devices import resolve_device
     from ssl_kd.engine.trainer import train
+    from ssl_kd.files import check_writable_folder
 
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, strict=args.strict)
+    resolve_device(cfg.train.device)  # train.device=cuda without CUDA: before any folder
+    check_writable_folder(cfg.output_dir)
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, strict=args.strict)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_run(cfg.output_dir)) from None
     print(_summary_text(summary))
     return 0
+
+
+def _interrupted_run(output_dir: str) -> str:
+    """What Ctrl-C leaves: the checkpoint on disk, which the same command resumes from."""
+    from ssl_kd.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    path = Path(output_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return (
+            f"interrupted before the first checkpoint of {output_dir}: the same command "
+            "starts the run again"
+        )
+    try:
+        step = load_checkpoint(path, mmap=True)["step"]
+    except UserError:  # not readable: the next start says what to do
+        return f"interrupted; the same command resumes from {path}"
+    return f"interrupted; {path} (step {step}) is kept, and the same command resumes from it"
 
 
 SUBMIT_HELP = """\
@@ -70,6 +98,8 @@ train.batch_size is per GPU; the lr scales with the global batch (optim.lr × ba
       --timeout-min 2880 --cpus-per-task 10 --mem-gb 400
 
 Prints the job id, its folder (submitit's pickles and the tasks' stdout/stderr) and the run's
+output dir. Nothing is submitted (and no folder created) unless the checks pass: the config and
+model, the data against train.batch_size × tasks, train.device=cuda without GPUs, a writable
 output dir. On preemption or time-out submitit requeues the job and it resumes from
 OUTPUT_DIR/checkpoint.pth (written every train.checkpoint_every_steps and at each epoch end);
 so does a job requeued with `scontrol requeue JOBID`. On a CPU-only cluster use
@@ -265,17 +295,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def main(argv: list[str] | None = None) -> int:
     """`ssl-kd`. A `UserError` (a bad command, config, path or file; a run that failed for a
     reason the user can act on) is one line on stderr with its exit status (2, or 1 for a
-    failed run); anything else is a bug in ssl_kd and shows its traceback (exit 1)."""
+    failed run); Ctrl-C is one line too, exit 130; anything else is a bug in ssl_kd and shows
+    its traceback (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere, not only before the command
     args = build_parser().parse_args([arg for arg in argv if arg != "--debug"])
     try:
         return int(args.run(args))
+    except Interrupted as err:
+        if debug:
+            raise
+        print(f"ssl-kd: {err}", file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         if debug:
             raise
         print(f"ssl-kd: error: {err} (--debug shows the traceback)", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in any other command: nothing to keep
+        if debug:
+            raise
+        print("ssl-kd: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

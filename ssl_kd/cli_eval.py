@@ -172,6 +172,29 @@ def add_eval_commands(commands: Any) -> None:
     attention.set_defaults(run=_attention)
 
 
+def check_options(
+    positive: dict[str, float | None], not_negative: dict[str, float | None] | None = None
+) -> None:
+    """Numeric options, checked before any work (None: not given, the default applies).
+
+    Raises:
+        UserError: naming the option and its value.
+    """
+    for option, value in positive.items():
+        if value is not None and not value > 0:  # NaN fails this too
+            raise UserError(f"{option} {value} must be > 0")
+    for option, value in (not_negative or {}).items():
+        if value is not None and not value >= 0:
+            raise UserError(f"{option} {value} must be >= 0")
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    check_options(
+        {"--batch-size": args.batch_size, "--img-size": args.img_size},
+        {"--num-workers": args.num_workers},
+    )
+
+
 def _device(name: str) -> Any:
     from ssl_kd.devices import resolve_device
 
@@ -189,7 +212,7 @@ def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
     return backbone.to(_device(args.device)), report
 
 
-def _splits(args: argparse.Namespace, report: Any, augment: bool = False) -> Any:
+def _splits(args: argparse.Namespace, report: Any, patch_size: int, augment: bool = False) -> Any:
     from ssl_kd.data.splits import eval_splits
 
     run = report.run_config or {}
@@ -197,6 +220,10 @@ def _splits(args: argparse.Namespace, report: Any, augment: bool = False) -> Any
     if data is None:
         raise UserError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
     img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
+    if img_size % patch_size:
+        raise UserError(
+            f"--img-size {img_size} is not a multiple of the backbone's patch size {patch_size}"
+        )
     seed = run.get("train", {}).get("seed", 0)
     fraction = run.get("data", {}).get("test_fraction", 0.2)
     splits = eval_splits(data, img_size, seed=seed, test_fraction=fraction, augment=augment)
@@ -222,8 +249,10 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 def _knn(args: argparse.Namespace) -> int:
     from ssl_kd.evaluation.knn import evaluate_knn
 
+    _check_data_options(args)
+    check_options({"--ks": min(args.ks), "--temperature": args.temperature})
     backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report)
+    splits = _splits(args, report, backbone.patch_size)
     scores = evaluate_knn(
         backbone,
         splits,
@@ -252,8 +281,13 @@ def _linear(args: argparse.Namespace) -> int:
 
     from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 
+    _check_data_options(args)
+    check_options(
+        {"--epochs": args.epochs, "--lr": args.lr, "--n-last-blocks": args.n_last_blocks},
+        {"--weight-decay": args.weight_decay, "--warmup-epochs": args.warmup_epochs},
+    )
     backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report, augment=args.augment)
+    splits = _splits(args, report, backbone.patch_size, augment=args.augment)
     cfg = LinearProbeConfig(
         protocol=args.protocol,
         epochs=args.epochs,
@@ -311,6 +345,7 @@ def _attention(args: argparse.Namespace) -> int:
         raise UserError(f"--keep-ratio: {err}") from None
     if args.strategy not in STRATEGIES:
         raise UserError(f"--strategy {args.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    check_options({"--img-size": args.img_size})
     selector = None
     if args.checkpoint:
         backbone, report = _load(args, args.checkpoint)

@@ -35,6 +35,13 @@ class Terminated(RunFailed):
     exit_code = 143
 
 
+class Interrupted(UserError):
+    """Ctrl-C (SIGINT): one line saying what is kept and how to go on, exit status 130 (the
+    shell's 128 + SIGINT)."""
+
+    exit_code = 130
+
+
 class NonFiniteLoss(RunFailed, FloatingPointError):
     """The loss became NaN or Inf (train.on_nonfinite says what happens then)."""
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ssl_kd.errors import UserError
 from ssl_kd.masking import num_kept
 from ssl_kd.models.backbone import create_backbone
 
@@ -69,10 +70,29 @@ def cost_report(
     stop_after_block: int | None = None,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
-    """Full vs masked cost of one image, as `ssl-kd flops` prints it."""
+    """Full vs masked cost of one image, as `ssl-kd flops` prints it.
+
+    Raises:
+        UserError: not a timm ViT, an image size that is not a multiple of its patch size, a
+            keep ratio outside (0, 1] or a block it does not have (named as the options).
+    """
     backbone = create_backbone(model, img_size, **model_kwargs)
+    patch = backbone.patch_size
+    if img_size < patch or img_size % patch:
+        raise UserError(
+            f"--img-size {img_size} is not a multiple of the patch size {patch} of {model}; "
+            f"use e.g. {max(patch, img_size // patch * patch)}"
+        )
+    last = backbone.num_blocks - 1
+    if stop_after_block is not None and not 0 <= stop_after_block <= last:
+        raise UserError(
+            f"--stop-after-block {stop_after_block}: {model} has blocks 0..{last} (0-based)"
+        )
     h, w = backbone.grid(img_size)
-    keep = num_kept(h * w, keep_ratio)
+    try:
+        keep = num_kept(h * w, keep_ratio)
+    except ValueError as err:
+        raise UserError(f"--keep-ratio: {err}") from None
     full = forward_macs(backbone, img_size, None, stop_after_block=stop_after_block)
     masked = forward_macs(backbone, img_size, keep, stop_after_block=stop_after_block)
     prefix = backbone.num_prefix_tokens

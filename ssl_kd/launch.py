@@ -93,9 +93,43 @@ def executor_parameters(options: SlurmOptions) -> dict[str, Any]:
     return params
 
 
+def check_submission(cfg: Config, options: SlurmOptions) -> None:
+    """What the job would fail on, checked here before any submitit object or folder exists
+    (the config itself, model included, is checked when it is loaded): the task layout, a
+    CUDA run without GPUs, the data against the batch of every task, the output folders.
+
+    Raises:
+        ConfigError / UserError: one line naming the option or key.
+    """
+    from ssl_kd.data import build_train_stream
+    from ssl_kd.files import check_writable_folder
+    from ssl_kd.methods import registry
+
+    tasks = executor_parameters(options)["tasks_per_node"]
+    if options.nodes < 1 or options.timeout_min < 1:
+        raise ConfigError(
+            f"--nodes {options.nodes} / --timeout-min {options.timeout_min} must be >= 1"
+        )
+    if not options.gpus_per_node and cfg.train.device == "cuda":
+        raise ConfigError(
+            "train.device=cuda with --gpus-per-node 0: the tasks would have no GPU; use "
+            "train.device=cpu (or auto), or give --gpus-per-node"
+        )
+    # The stream every task builds: for an image folder this scans it once, here, so that too
+    # few images for batch × tasks fails now and not in the job.
+    world_size = options.nodes * tasks
+    views = registry.method_class(cfg.method).views
+    build_train_stream(cfg.data, views, cfg.train.batch_size, cfg.train.seed, 0, world_size)
+    check_writable_folder(cfg.output_dir)
+    if options.folder:
+        check_writable_folder(options.folder, "--folder")
+
+
 def submit(cfg: Config, options: SlurmOptions) -> submitit.Job:
-    """Submits `TrainJob(cfg)`; returns the job (its id, `paths.folder`, `paths.stdout`)."""
+    """Checks the submission (`check_submission`), then submits `TrainJob(cfg)`; returns the
+    job (its id, `paths.folder`, `paths.stdout`)."""
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # the job may start elsewhere
+    check_submission(cfg, options)
     folder = Path(options.folder) if options.folder else Path(cfg.output_dir) / "submitit"
     executor = submitit.AutoExecutor(
         folder=folder / "%j", cluster="local" if options.local else "slurm"

@@ -50,8 +50,9 @@ def _build(layers: list[tuple[str, DictConfig]]) -> Config:
 
 
 def check(cfg: Config) -> None:
-    """Fills the method's defaults, then every check: shared sections, the method's own, and
-    those that combine sections (crops against the patch size, the batch against the data)."""
+    """Fills the method's defaults, then every check: shared sections, the model (built on the
+    meta device), the method's own, and those that combine sections (crops against the patch
+    size, the batch against the data)."""
     from ssl_kd.data import Views, check_batch
     from ssl_kd.methods import DEFAULT_METHOD
 
@@ -59,9 +60,29 @@ def check(cfg: Config) -> None:
     method = _method(cfg.method)
     method.resolve_defaults(cfg)
     cfg.check()
+    check_model(cfg)
     method.check(cfg)
     _check_crops(cfg, multi_crop=method.views == Views.MULTI_CROP)
     check_batch(cfg.data, cfg.train.batch_size, world_size_from_env())
+
+
+def check_model(cfg: Config) -> None:
+    """The student timm builds from the `model` section, built on the meta device (no memory,
+    no init work): a name that is not a ViT, a keyword timm refuses, a width not divisible by
+    the heads or an image smaller than a patch fails here, before any work."""
+    from ssl_kd.errors import UserError
+    from ssl_kd.models.backbone import check_backbone
+
+    model = cfg.model
+    try:
+        backbone = check_backbone(model.name, model.img_size, **dict(model.kwargs))
+    except UserError as err:
+        raise ConfigError(f"model.name / model.kwargs: {err}") from None
+    if model.img_size < backbone.patch_size:
+        raise ConfigError(
+            f"model.img_size={model.img_size} is smaller than the patch size "
+            f"{backbone.patch_size} of {model.name}"
+        )
 
 
 def _method(name: str) -> Any:

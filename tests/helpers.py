@@ -7,10 +7,11 @@ Test modules import shared code from here only, never from another test module o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,40 @@ def write_malicious_checkpoint(path: Path, marker: Path, pickle_protocol: int = 
     state = {"model": {"cls_token": torch.zeros(1, 1, 64)}, "epoch": 1}
     state["args"] = _RunsAShellCommand(f"touch {marker}")
     torch.save(state, path, pickle_protocol=pickle_protocol)
+
+
+# --- file systems ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at `mountpoint` (`options`: e.g. `size=1m` or `ro`), unmounted at the end,
+    for tests of full and read-only file systems. Skips the test where mounting is not allowed
+    (not root, or no CAP_SYS_ADMIN in this container)."""
+    import pytest
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)]
+    try:
+        mounted = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def fill(folder: Path) -> None:
+    """Writes into `folder` until its file system is full (ENOSPC)."""
+    import errno
+
+    with open(folder / "filler", "wb", buffering=0) as handle:  # unbuffered: close never fails
+        try:
+            while True:
+                handle.write(bytes(64 << 10))
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
 
 
 # --- real `ssl-kd` processes ----------------------------------------------------------------

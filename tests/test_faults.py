@@ -3,6 +3,7 @@ mid-save, a NaN loss, corrupt images in an ImageFolder, runs of unreadable files
 fraction of them that stops a run."""
 
 import json
+import math
 import re
 import signal
 
@@ -13,7 +14,9 @@ from PIL import Image
 from ssl_kd.cli import main
 from ssl_kd.data import DataError, digits
 from ssl_kd.engine.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
-from ssl_kd.engine.trainer import train
+from ssl_kd.engine.trainer import Trainer, train
+from ssl_kd.errors import RunFailed
+from ssl_kd.schedules import cosine_schedule
 from tests.helpers import (
     kill_after_step,
     run_cli,
@@ -163,6 +166,69 @@ def test_skips_beyond_the_bound_stop_the_run(tmp_path):
                                    "train.debug_nan_at_steps": "[1, 2]"})  # fmt: skip
     with pytest.raises(FloatingPointError, match=r"at step 2 .*train.max_skipped_steps=1"):
         train(cfg)
+
+
+def test_the_nan_advice_can_be_followed_a_lower_lr_resumes(tmp_path, capsys):
+    """The stop message says: the same command with a lower optim.lr resumes. It does, with the
+    new lr in use from the saved step on and the change logged."""
+    run, config = tmp_path / "run", empty_yaml(tmp_path)
+    extra = {"train.max_steps": 6, "train.checkpoint_every_steps": 2}
+    command = ["train", config, *tiny_overrides(run, **extra)]
+    assert main([*command, "train.debug_nan_at_steps=[3]"]) == 1
+    err = capsys.readouterr().err
+    assert "run the same command with a lower optim.lr" in err and "resume" in err
+
+    assert main([*command, "optim.lr=0.00025"]) == 0  # the divergence is gone at this lr
+    out = capsys.readouterr().out
+    assert "optim.lr changed 0.0005 → 0.00025 on resume" in out
+    assert "at step 2" in out
+    state = load_checkpoint(run / "checkpoint.pth")
+    assert state["step"] == 6 and state["config"]["optim"]["lr"] == 0.00025
+    # 32 images per step, 44 steps per epoch, 1 warm-up epoch of 2: the new schedule
+    lr = cosine_schedule(0.00025 * 32 / 256, 1e-6, 88, 44)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line["train/lr"] for line in lines}
+    assert logged[4] == pytest.approx(float(lr[3])) and logged[6] == pytest.approx(float(lr[5]))
+
+
+def test_skip_mode_stops_at_once_when_the_weights_are_not_finite(tmp_path):
+    # Before, every allowed skip was spent on a state no step can repair.
+    cfg = tiny_config(tmp_path, **{"train.on_nonfinite": "skip", "train.max_steps": 4})
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.method.student.backbone.vit.blocks[1].mlp.fc1.weight[0, 0] = math.inf
+    with pytest.raises(RunFailed) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "loss is nan at step 0" in message
+    assert "student.backbone.vit.blocks.1.mlp.fc1.weight holds NaN/Inf" in message
+    assert "skipping cannot recover" in message and trainer.guard.skipped_steps == []
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    train(tiny_config(tmp_path, **{"train.max_steps": 2}))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    trainer = Trainer(tiny_config(tmp_path, **{"train.max_steps": 4}))
+    assert trainer.resume()
+    with torch.no_grad():  # what an update from an infinite gradient leaves
+        trainer.method.teacher.head.last_layer.weight_v.fill_(math.nan)
+    with pytest.raises(RunFailed, match=r"teacher.head.last_layer.weight_v holds NaN/Inf"):
+        trainer.save()
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == ["checkpoint-000002.pth"]
+
+
+def test_skipping_never_prunes_the_last_checkpoint_before_the_first_skip(tmp_path):
+    extra = {"train.on_nonfinite": "skip", "train.keep_checkpoints": 1,
+             "train.checkpoint_every_steps": 1, "train.debug_nan_at_steps": "[2]"}  # fmt: skip
+    train(tiny_config(tmp_path, **extra, **{"train.max_steps": 4}))
+    numbered = sorted(p.name for p in tmp_path.glob("checkpoint-*.pth"))
+    # step 2 holds steps 0 and 1: the state before the skipped step 2
+    assert numbered == ["checkpoint-000002.pth", "checkpoint-000004.pth"]
+    assert load_checkpoint(tmp_path / numbered[0])["faults"] == {"skipped_steps": []}
+    train(tiny_config(tmp_path, **extra, **{"train.max_steps": 5}))  # resumed: still kept
+    numbered = sorted(p.name for p in tmp_path.glob("checkpoint-*.pth"))
+    assert numbered == ["checkpoint-000002.pth", "checkpoint-000005.pth"]
 
 
 # --- bad data -------------------------------------------------------------------------------

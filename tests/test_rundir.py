@@ -28,11 +28,11 @@ def test_different_config_is_refused_naming_the_keys(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(run, **{"train.max_steps": 2}))
     before = (run / "checkpoint.pth").read_bytes()
-    assert main(args(tmp_path, run, "optim.lr=0.01", "masking.keep_ratio=0.75")) == 2
+    assert main(args(tmp_path, run, "data.hflip_prob=0.25", "masking.keep_ratio=0.75")) == 2
     err = capsys.readouterr().err
     assert f"output_dir {run} holds another run (checkpoint.pth at step 2)" in err
     assert "masking.keep_ratio=0.75 here vs 0.5 saved" in err
-    assert "optim.lr=0.01 here vs 0.0005 saved" in err
+    assert "data.hflip_prob=0.25 here vs 0.5 saved" in err
     assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
     assert (run / "checkpoint.pth").read_bytes() == before
 
@@ -40,11 +40,13 @@ def test_different_config_is_refused_naming_the_keys(tmp_path, capsys):
 def test_resume_continues_the_saved_run_with_its_config(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(run, **{"train.max_steps": 2}))
-    assert main(args(tmp_path, run, "optim.lr=0.01", "--resume")) == 0
+    assert main(args(tmp_path, run, "masking.keep_ratio=0.75", "optim.lr=0.01", "--resume")) == 0
     out = capsys.readouterr().out
     assert "--resume: continuing the saved run" in out and "at step 2" in out
+    assert "optim.lr changed 0.0005 → 0.01 on resume" in out  # retunable: the new value wins
     state = load_checkpoint(run / "checkpoint.pth")
-    assert state["step"] == 3 and state["config"]["optim"]["lr"] == 0.0005
+    assert state["step"] == 3 and state["config"]["masking"]["keep_ratio"] == 0.5
+    assert state["config"]["optim"]["lr"] == 0.01
 
 
 def test_overwrite_clears_the_whole_run_and_keeps_other_files(tmp_path, capsys):

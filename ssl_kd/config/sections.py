@@ -33,6 +33,21 @@ def check_not_negative(values: dict[str, float | int]) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
 
 
+def check_unit_interval(values: dict[str, float]) -> None:
+    """Probabilities and EMA momenta: [0, 1]."""
+    for key, value in values.items():
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise ConfigError(f"{key}={value} must lie in [0, 1]")
+
+
+def check_pair(key: str, pair: Any, lowest: float, highest: float) -> None:
+    """A `[min, max]` range with lowest < min <= max <= highest (crop scales)."""
+    if len(pair) != 2 or not lowest < pair[0] <= pair[1] <= highest:
+        raise ConfigError(
+            f"{key}={list(pair)} must be [min, max] with {lowest} < min <= max <= {highest}"
+        )
+
+
 def check_ratio(key: str, ratio: float | None) -> None:
     """A fraction of patches a network sees: (0, 1]."""
     if ratio is not None and not 0.0 < ratio <= 1.0:
@@ -58,6 +73,8 @@ class ModelConfig:
 
     def check(self) -> None:
         check_positive({"model.img_size": self.img_size})
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")
         check_file("model.checkpoint", self.checkpoint)
 
 
@@ -96,13 +113,12 @@ class DataConfig:
                 "data.local_crop_size": self.local_crop_size,
             }
         )
-        check_not_negative({"data.num_local_views": self.num_local_views})
-        for key, scale in (
-            ("data.global_crop_scale", self.global_crop_scale),
-            ("data.local_crop_scale", self.local_crop_scale),
-        ):
-            if not 0.0 < scale[0] <= scale[1] <= 1.0:
-                raise ConfigError(f"{key}={list(scale)} must satisfy 0 < min <= max <= 1")
+        check_not_negative(
+            {"data.num_local_views": self.num_local_views, "data.num_workers": self.num_workers}
+        )
+        check_pair("data.global_crop_scale", self.global_crop_scale, 0.0, 1.0)
+        check_pair("data.local_crop_scale", self.local_crop_scale, 0.0, 1.0)
+        check_unit_interval({"data.hflip_prob": self.hflip_prob})
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"data.test_fraction={self.test_fraction} must lie in (0, 1)")
         if self.name == "imagefolder":
@@ -151,6 +167,23 @@ class OptimConfig:
     def check(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
         check_positive({"optim.lr": self.lr})
+        check_not_negative(
+            {
+                "optim.min_lr": self.min_lr,
+                "optim.warmup_epochs": self.warmup_epochs,
+                "optim.weight_decay": self.weight_decay,
+                "optim.weight_decay_end": self.weight_decay_end,
+            }
+        )
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"optim.min_lr={self.min_lr} is larger than optim.lr={self.lr}: the cosine "
+                "schedule decays from optim.lr down to optim.min_lr"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(
+                f"optim.betas={list(self.betas)} must be two values in [0, 1), e.g. [0.9, 0.999]"
+            )
 
 
 @dataclass
@@ -215,6 +248,7 @@ class EvalConfig:
                 f"eval.pictures_every_steps={self.pictures_every_steps} must be >= 0 (0: never)"
             )
         check_not_negative({"eval.knn_every_epochs": self.knn_every_epochs})
+        check_positive({"eval.knn_k": self.knn_k, "eval.batch_size": self.batch_size})
         if not math.isfinite(self.knn_temperature) or self.knn_temperature <= 0:
             raise ConfigError(f"eval.knn_temperature={self.knn_temperature} must be > 0")
 

@@ -2,7 +2,8 @@
 
 `output_dir/checkpoint.pth` is the one a run resumes from (never a numbered copy: the MAE
 requeue bug). `train.keep_checkpoints=K` also keeps `checkpoint-<step>.pth` for the last K
-saves, the oldest pruned. Each numbered copy is a file of its own, written atomically from the
+saves, the oldest pruned; once a step was skipped for a non-finite loss, the newest copy from
+before it is kept as well. Each numbered copy is a file of its own, written atomically from the
 bytes just saved: a hard link would share its data with `checkpoint.pth`, so a tool or a user
 rewriting `checkpoint.pth` in place (a `truncate`, a copy over it) would corrupt the newest copy
 too, the one `--strict false` falls back on.
@@ -81,6 +82,13 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+def numbered_step(path: Path) -> int:
+    """The step of a numbered copy, `checkpoint-<step>.pth`."""
+    match = NUMBERED.fullmatch(path.name)
+    assert match is not None, path
+    return int(match.group(1))
+
+
 class CheckpointStore:
     """`checkpoint.pth` plus the last `keep` numbered copies in one output dir."""
 
@@ -104,7 +112,10 @@ class CheckpointStore:
     def exists(self) -> bool:
         return self.path.exists() or bool(self.numbered())
 
-    def save(self, state: dict[str, Any], step: int) -> None:
+    def save(self, state: dict[str, Any], step: int, first_skipped: int | None = None) -> None:
+        """Writes `checkpoint.pth` and its numbered copy, then prunes all but the newest `keep`
+        copies, except the newest one at or before `first_skipped` (the first step skipped
+        for a non-finite loss): the last state from before a divergence is never pruned."""
         save_atomic(state, self.path)
         if self.keep <= 0:
             return
@@ -113,7 +124,13 @@ class CheckpointStore:
                 self.output_dir / f"checkpoint-{step:06d}.pth",
                 lambda handle: shutil.copyfileobj(saved, handle, COPY_CHUNK),
             )
-        for old in self.numbered()[: -self.keep]:
+        numbered = self.numbered()
+        pruned = numbered[: -self.keep]
+        if first_skipped is not None:
+            before = [path for path in numbered if numbered_step(path) <= first_skipped]
+            if before:
+                pruned = [path for path in pruned if path != before[-1]]
+        for old in pruned:
             old.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self) -> list[Path]:

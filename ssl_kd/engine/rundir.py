@@ -2,8 +2,10 @@
 
 The same config resumes (keys that do not change what is trained, such as `train.max_steps`
 or `eval.*`, may differ; so may `data.path`, the data order being checked when the checkpoint
-loads). A different config is refused with the differing keys named, unless `resume` (continue
-the saved run with its own config) or `overwrite` (delete the saved run and start this one).
+loads), and so may the optimisation keys a divergence calls for, such as a lower `optim.lr`:
+each such change is logged. A different config is refused with the differing keys named, unless
+`resume` (continue the saved run with its own config) or `overwrite` (delete the saved run and
+start this one).
 The config is compared with the checkpoint's, or, before the first checkpoint, with the
 `config.yaml` of a run that began training (it created `metrics.jsonl`); a `config.yaml` alone
 is the leftover of a start that failed before training (a bad model, a missing folder) and is
@@ -35,9 +37,15 @@ from ssl_kd.run_config import config_from_dict
 # Keys a resumed run may change: how long, how often, where, what to evaluate; not what.
 RESUMABLE_CHANGES = (
     "output_dir", "train.max_steps", "train.log_every_steps", "train.checkpoint_every_steps",
-    "train.keep_checkpoints", "train.device", "train.on_nonfinite", "train.max_skipped_steps",
-    "train.debug_nan_at_steps", "data.num_workers", "data.on_error", "data.path",
-    "data.max_bad_fraction", "eval.",
+    "train.keep_checkpoints", "train.device", "train.debug_nan_at_steps", "data.num_workers",
+    "data.on_error", "data.path", "data.max_bad_fraction", "eval.",
+)  # fmt: skip
+# Optimisation keys a resumed run may retune, each change logged: what a divergence calls for
+# (engine/faults.py says so). The lr and weight-decay schedules are recomputed from the new
+# values and continue at the saved step; the optimizer's moments are kept.
+RETUNABLE_ON_RESUME = (
+    "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "dino.clip_grad",
+    "train.on_nonfinite", "train.max_skipped_steps",
 )  # fmt: skip
 # What a run writes in its output dir, and all that --overwrite deletes: `ssl-kd train`'s files
 # and folders, and `eval/` (where `ssl-kd eval` writes a run's results by default).
@@ -48,12 +56,29 @@ RUN_TEMPORARIES = (*(f".{name}.tmp-*" for name in RUN_FILES), ".checkpoint-*.pth
 
 def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
     """dotted key → (current, saved) for the keys that change what is trained."""
+    return {
+        key: values
+        for key, values in _changed(current, saved).items()
+        if not key.startswith(RESUMABLE_CHANGES + RETUNABLE_ON_RESUME)
+    }
+
+
+def retuned_keys(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
+    """dotted key → (current, saved) for the optimisation keys a resume may change."""
+    return {
+        key: values
+        for key, values in _changed(current, saved).items()
+        if key.startswith(RETUNABLE_ON_RESUME)
+    }
+
+
+def _changed(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
     free = free_dicts(registry.sections())
     now, before = flatten(current, free), flatten(saved, free)
     return {
         key: (now[key], before[key])
         for key in sorted(set(now) & set(before))
-        if not key.startswith(RESUMABLE_CHANGES) and _normal(now[key]) != _normal(before[key])
+        if _normal(now[key]) != _normal(before[key])
     }
 
 
@@ -91,6 +116,8 @@ def prepare_output_dir(
     if saved is not None:
         cfg = _settle_differences(cfg, saved, source, output_dir, resume)
         _note_data_path(cfg, saved)
+        for key, (new, old) in retuned_keys(to_dict(cfg), saved).items():
+            print(f"{key} changed {old} → {new} on resume (from {source})")
     trim_metrics(output_dir / "metrics.jsonl", step)
     return cfg
 

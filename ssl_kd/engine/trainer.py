@@ -131,6 +131,9 @@ class Trainer:
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint; the others wait until it is on disk."""
+        # A NaN state never replaces a good checkpoint. Every rank checks (DDP keeps the weights
+        # equal), so all stop together instead of leaving the others at the barrier.
+        self.guard.check_state(self.method, self.step)
         if self.rank != 0:
             distributed.barrier()
             return
@@ -155,7 +158,7 @@ class Trainer:
             "faults": self.guard.state_dict(),
             "rng": rng_state(),
         }  # fmt: skip
-        self.checkpoints.save(state, self.step)
+        self.checkpoints.save(state, self.step, self.guard.first_skipped)
         distributed.barrier()
 
     def resume(self) -> bool:

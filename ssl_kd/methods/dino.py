@@ -24,7 +24,13 @@ from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from ssl_kd.config.sections import Config, MaskingConfig, check_positive
+from ssl_kd.config.sections import (
+    Config,
+    MaskingConfig,
+    check_not_negative,
+    check_positive,
+    check_unit_interval,
+)
 from ssl_kd.data import Views
 from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.errors import ConfigError
@@ -67,7 +73,30 @@ class DinoConfig:
     koleo_weight: float = 0.0
 
     def check(self) -> None:
-        check_positive({"dino.out_dim": self.out_dim})
+        check_positive(
+            {
+                "dino.out_dim": self.out_dim,
+                "dino.hidden_dim": self.hidden_dim,
+                "dino.bottleneck_dim": self.bottleneck_dim,
+                "dino.student_temp": self.student_temp,
+                "dino.teacher_temp": self.teacher_temp,
+                "dino.warmup_teacher_temp": self.warmup_teacher_temp,
+            }
+        )
+        check_unit_interval(
+            {
+                "dino.momentum_teacher": self.momentum_teacher,
+                "dino.center_momentum": self.center_momentum,
+            }
+        )
+        check_not_negative(
+            {
+                "dino.warmup_teacher_temp_epochs": self.warmup_teacher_temp_epochs,
+                "dino.freeze_last_layer_epochs": self.freeze_last_layer_epochs,
+                "dino.clip_grad": self.clip_grad,
+                "dino.koleo_weight": self.koleo_weight,
+            }
+        )
 
 
 class DINONetwork(nn.Module):

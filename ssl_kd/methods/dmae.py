@@ -20,10 +20,18 @@ from lightly.models.utils import patchify
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from ssl_kd.config.sections import Config, MaskingConfig, check_choice, check_file, check_ratio
+from ssl_kd.config.sections import (
+    Config,
+    MaskingConfig,
+    check_choice,
+    check_file,
+    check_not_negative,
+    check_positive,
+    check_ratio,
+)
 from ssl_kd.data import Views
 from ssl_kd.data.transforms import to_unit_range
-from ssl_kd.errors import ConfigError, key_list
+from ssl_kd.errors import ConfigError, UserError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import complement, gather_patches, num_kept, select
@@ -35,7 +43,7 @@ from ssl_kd.methods.base import (
     masking_strategy,
 )
 from ssl_kd.methods.registry import register
-from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from ssl_kd.models.backbone import ViTBackbone, check_backbone, create_backbone
 from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
 from ssl_kd.models.weights import load_backbone_weights
 
@@ -63,6 +71,24 @@ class DmaeConfig:
     def check(self) -> None:
         check_choice("dmae.projection", self.projection, PROJECTIONS)
         check_ratio("dmae.teacher_keep_ratio", self.teacher_keep_ratio)
+        check_positive(
+            {
+                "dmae.decoder_dim": self.decoder_dim,
+                "dmae.decoder_depth": self.decoder_depth,
+                "dmae.decoder_heads": self.decoder_heads,
+            }
+        )
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(
+                f"dmae.decoder_dim={self.decoder_dim} is not divisible by dmae.decoder_heads="
+                f"{self.decoder_heads}"
+            )
+        check_not_negative(
+            {
+                "dmae.distill_weight": self.distill_weight,
+                "dmae.recon_images_every_steps": self.recon_images_every_steps,
+            }
+        )
 
 
 class MAEStudent(nn.Module):
@@ -149,6 +175,15 @@ class DMAE(Method):
                 f"dmae.aligned_blocks={pairs} must be a non-empty list of [student_block, "
                 "teacher_block] pairs of 0-based block indices, e.g. [[8, 17]]"
             )
+        # Both networks on the meta device: the teacher's grid and depth, before any work.
+        try:
+            teacher = check_backbone(
+                dmae.teacher_name, cfg.model.img_size, **dict(dmae.teacher_kwargs)
+            )
+        except UserError as err:
+            raise ConfigError(f"dmae.teacher_name / dmae.teacher_kwargs: {err}") from None
+        student = check_backbone(cfg.model.name, cfg.model.img_size, **dict(cfg.model.kwargs))
+        check_teacher_fits(student, teacher, cfg.data.global_crop_size, pairs)
 
     @classmethod
     def distils(cls, cfg: Config) -> bool:
@@ -190,7 +225,7 @@ class DMAE(Method):
         self.pairs = [tuple(pair) for pair in cfg.aligned_blocks] if teacher is not None else []
         projections = nn.ModuleList()
         if teacher is not None:
-            self._check_teacher(encoder, teacher)
+            check_teacher_fits(encoder, teacher, img_size, cfg.aligned_blocks)
             projections.extend(
                 alignment_projection(encoder.embed_dim, teacher.embed_dim, cfg.projection)
                 for _ in self.pairs
@@ -214,21 +249,6 @@ class DMAE(Method):
         self.picture_every_steps = cfg.recon_images_every_steps
         self._macs_cache: dict[tuple[int, int | None], int] = {}
         self.keep_ratio = KeepRatioSchedule(masking)
-
-    def _check_teacher(self, encoder: ViTBackbone, teacher: ViTBackbone) -> None:
-        if teacher.grid(self.img_size) != self.grid:
-            raise ValueError(
-                f"teacher patch grid {teacher.grid(self.img_size)} differs from the student's "
-                f"{self.grid}: DMAE feeds both the same visible patches, so their patch sizes "
-                "must match"
-            )
-        for student_block, teacher_block in self.cfg.aligned_blocks:
-            if student_block >= encoder.num_blocks or teacher_block >= teacher.num_blocks:
-                raise ValueError(
-                    f"dmae.aligned_blocks pair [{student_block}, {teacher_block}] is out of "
-                    f"range: the student has blocks 0..{encoder.num_blocks - 1}, the teacher "
-                    f"0..{teacher.num_blocks - 1}"
-                )
 
     def to(self, *args: Any, **kwargs: Any) -> DMAE:
         super().to(*args, **kwargs)
@@ -355,3 +375,23 @@ def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
     return rearrange(
         patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch
     )
+
+
+def check_teacher_fits(
+    student: ViTBackbone, teacher: ViTBackbone, img_size: int, pairs: list[list[int]]
+) -> None:
+    """Raises a ConfigError when the teacher cannot be aligned with the student: another patch
+    grid, or an aligned block beyond either network's depth."""
+    if teacher.grid(img_size) != student.grid(img_size):
+        raise ConfigError(
+            f"teacher patch grid {teacher.grid(img_size)} differs from the student's "
+            f"{student.grid(img_size)}: DMAE feeds both the same visible patches, so their "
+            "patch sizes must match (dmae.teacher_name / dmae.teacher_kwargs.patch_size)"
+        )
+    for student_block, teacher_block in pairs:
+        if student_block >= student.num_blocks or teacher_block >= teacher.num_blocks:
+            raise ConfigError(
+                f"dmae.aligned_blocks pair [{student_block}, {teacher_block}] is out of range: "
+                f"the student has blocks 0..{student.num_blocks - 1}, the teacher "
+                f"0..{teacher.num_blocks - 1}"
+            )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import timm
+import torch
 from einops import rearrange
 from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
@@ -185,6 +186,10 @@ def create_backbone(
         name: timm model name, e.g. `vit_small_patch16_224`.
         img_size: size the position embedding is built for (other sizes are resampled).
         kwargs: overrides for timm (patch_size, embed_dim, depth, num_heads, ...).
+
+    Raises:
+        UserError: an unknown name, a model that is not a ViT, or keyword arguments timm
+            refuses (an unknown one, embed_dim not divisible by num_heads, ...).
     """
     try:
         vit = timm.create_model(
@@ -196,6 +201,40 @@ def create_backbone(
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
-    except RuntimeError as err:
-        raise UserError(f"timm cannot build model {name!r}: {err}") from None
+    except (RuntimeError, TypeError, AssertionError, ValueError) as err:
+        # timm's own words: "Unknown model (x)", "unexpected keyword argument 'bogus'",
+        # "dim should be divisible by num_heads".
+        raise UserError(_build_problem(name, kwargs, err)) from None
+    if not isinstance(vit, VisionTransformer):
+        raise UserError(_not_a_vit(name, vit))
     return ViTBackbone(vit)
+
+
+def _build_problem(name: str, kwargs: dict[str, Any], err: Exception) -> str:
+    """What to tell the user when timm refuses: a non-ViT refuses ViT keywords (a ResNet has
+    no img_size), which would hide the real problem, so the bare model is tried once more."""
+    if timm.is_model(name):
+        try:
+            with torch.device("meta"):
+                bare = timm.create_model(name, pretrained=False)
+        except Exception:  # the bare model needs arguments: report the first error
+            bare = None
+        if bare is not None and not isinstance(bare, VisionTransformer):
+            return _not_a_vit(name, bare)
+    with_kwargs = f" with {kwargs}" if kwargs else ""
+    return f"timm cannot build {name!r}{with_kwargs}: {err}"
+
+
+def _not_a_vit(name: str, model: nn.Module) -> str:
+    return (
+        f"{name!r} is a timm {type(model).__name__}, not a VisionTransformer: ssl_kd masks the "
+        "patch tokens of ViTs (vit_*, deit_*, ...)"
+    )
+
+
+def check_backbone(name: str, img_size: int, **kwargs: Any) -> ViTBackbone:
+    """`create_backbone` on the meta device: the same errors, no memory and no init work
+    (about 0.1 s for ViT-S, 0.5 s for ViT-g), so a config can be checked before any work. The
+    result has the real structure (patch size, width, depth) and no data."""
+    with torch.device("meta"):
+        return create_backbone(name, img_size, **kwargs)
