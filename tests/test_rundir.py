@@ -147,10 +147,10 @@ def test_data_may_move_but_its_order_may_not_change(tmp_path, capsys):
     assert load_checkpoint(run / "checkpoint.pth")["config"]["data"]["path"] == f"{moved}/"
 
     # --resume restores the saved config's differing keys, never the old data.path
-    assert main(command(moved, 4, "optim.lr=0.01", "--resume")) == 0
+    assert main(command(moved, 4, "masking.keep_ratio=0.25", "--resume")) == 0
     state = load_checkpoint(run / "checkpoint.pth")
     assert state["step"] == 4 and state["data"]["images"] == 12
-    assert state["config"]["optim"]["lr"] == 0.0005
+    assert state["config"]["masking"]["keep_ratio"] == 0.5
     assert state["config"]["data"]["path"] == str(moved)
 
     write_digit_folder(tmp_path / "other", per_class=5)  # 15 images, still 3 batches of 4
