@@ -6,7 +6,8 @@ import torch
 from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
-from ssl_kd.evaluation.loading import architecture_from_args, load_backbone
+from ssl_kd.evaluation.loading import load_backbone
+from ssl_kd.models.architecture import architecture_from_args
 from ssl_kd.models.export import export_backbone
 from tests.helpers import TINY_VIT, tiny_backbone, tiny_config
 
