@@ -86,9 +86,8 @@ def replace_folder(
     `path` is moved aside only once the new folder is complete, and deleted once the new one is
     in place (POSIX cannot swap two folders in one rename; a crash between the two renames
     leaves the old folder as `.NAME.old-PID` beside `path`). On any error the new folder is
-    removed and `path` is untouched. The folder and every file in it get the modes `mkdir` and
-    `open` give (0o755 / 0o644 under the usual umask 022), whatever mode the writer chose
-    (safetensors writes its files 0o600).
+    removed and `path` is untouched. The folder gets the mode `mkdir` gives (0o755 under the
+    usual umask 022), not a private temporary folder's 0o700.
 
     `before_replace` runs after the new folder is on disk and before the renames (a test hook).
 
@@ -101,9 +100,7 @@ def replace_folder(
     try:
         os.mkdir(tmp)  # 0o777 less the umask; tempfile.mkdtemp would give 0o700
         fill(tmp)
-        mode = _new_file_mode(tmp)
         for file in tmp.iterdir():
-            os.chmod(file, mode)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
@@ -121,18 +118,6 @@ def replace_folder(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _new_file_mode(folder: Path) -> int:
-    """The permission bits `open` gives a new file here (0o666 less the umask), read from a
-    probe file: setting the umask to read it would race with other threads."""
-    probe = folder / f".mode-probe-{os.getpid()}"
-    with open(probe, "wb"):
-        pass
-    try:
-        return os.stat(probe).st_mode & 0o777
-    finally:
-        probe.unlink()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

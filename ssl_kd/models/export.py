@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from ssl_kd.errors import UserError, key_list
 from ssl_kd.files import replace_file, replace_folder
@@ -158,7 +158,9 @@ def _write_folder(
 ) -> None:
     from timm.models._hub import save_config_for_hf
 
-    save_file(state, str(folder / WEIGHTS_NAME))
+    # Serialised in memory and written with `open`: safetensors' own `save_file` writes files
+    # 0o600 and words a full disk as its own error type, not as an OSError.
+    (folder / WEIGHTS_NAME).write_bytes(save(state))
     vit = backbone.vit
     registry_cfg = cast(dict[str, Any], vit.pretrained_cfg)
     ours = {k: v for k, v in registry_cfg.items() if k not in _NOT_OURS}
