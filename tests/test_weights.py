@@ -1,7 +1,8 @@
 """DINOv2 files load as timm's own DINOv2 conversion loads them: released backbones (with and
-without registers), training checkpoints (chunked blocks, `student.`/`teacher.`, heads dropped and
-reported), the teacher files DINOv2 writes for evaluation. The official layouts are written here
-by hand from a tiny timm DINOv2 ViT (the inverse of timm's conversion)."""
+without registers, and their exports), training checkpoints (chunked blocks, `student.` /
+`teacher.`, heads dropped and reported), the teacher files DINOv2 writes for evaluation. The
+official layouts are written here by hand from a tiny timm DINOv2 ViT (the inverse of timm's
+conversion)."""
 
 import pytest
 import timm
@@ -9,6 +10,7 @@ import torch
 
 from ssl_kd.engine.build import build_backbone
 from ssl_kd.evaluation.loading import load_backbone
+from ssl_kd.models.export import export_backbone
 from ssl_kd.models.weights import read_backbone_weights
 from tests.helpers import tiny_config
 
@@ -78,6 +80,10 @@ def test_a_released_dinov2_backbone_loads_as_timm_loads_it(tmp_path, name):
     assert torch.allclose(features, source(IMAGES), atol=1e-5)
     assert report.layout == "official DINOv2 backbone (bare state dict)"
     assert report.ignored == ["mask_token"] and (report.missing, report.unexpected) == ([], [])
+    export = tmp_path / "export"  # and exports to a folder timm rebuilds with no arguments
+    export_backbone(path, export, model=name, model_kwargs=TINY)
+    rebuilt = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    assert torch.equal(rebuilt(IMAGES), features)
     if name == REGISTERS:  # [CLS] and 4 registers stay with any kept patches
         kept = loaded(IMAGES, torch.arange(6).expand(2, -1))
         assert loaded.num_prefix_tokens == 5 and kept.tokens.shape == (2, 5 + 6, 64)
