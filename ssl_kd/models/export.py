@@ -100,7 +100,7 @@ def export_backbone(
     weights = read_backbone_weights(checkpoint, part)
     arch = resolve_architecture(weights, model, model_kwargs)
     backbone = create_backbone(arch.name, arch.img_size, **arch.kwargs)
-    check_fit(backbone, weights)
+    check_fit(backbone, weights, relaxable=False)
     backbone.vit.load_state_dict(weights.state, strict=True)
     state = {key: value.detach().contiguous() for key, value in backbone.vit.state_dict().items()}
     try:

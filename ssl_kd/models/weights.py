@@ -271,10 +271,14 @@ def fit_problems(
     return missing, unexpected, mismatched
 
 
-def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
-    """Raises a ValueError naming the file and the missing/unexpected/mis-shaped keys, if any."""
+def check_fit(backbone: ViTBackbone, weights: BackboneWeights, relaxable: bool = True) -> None:
+    """Raises a UserError naming the file and the missing/unexpected/mis-shaped keys, if any.
+
+    `relaxable`: the caller offers `--strict false` (export does not: it never drops a tensor).
+    """
     missing, unexpected, mismatched = fit_problems(backbone, weights)
     if missing or unexpected or mismatched:
+        relaxed = ", or pass --strict false to load the tensors that fit" if relaxable else ""
         raise UserError(
             f"{weights.path} ({weights.layout}) does not fit {type(backbone.vit).__name__} "
             f"(depth {backbone.num_blocks}, width {backbone.embed_dim}): "
@@ -282,8 +286,7 @@ def check_fit(backbone: ViTBackbone, weights: BackboneWeights) -> None:
             f"{key_list(unexpected, 8, quoted=True)}, shape mismatches "
             f"{key_list(mismatched, 8, quoted=True)}. Check "
             "the model name and kwargs (model.name / model.kwargs, --model / --model-kwargs, "
-            "dmae.teacher_name) against the checkpoint, or pass --strict false to load the "
-            "tensors that fit."
+            f"dmae.teacher_name) against the checkpoint{relaxed}."
         )
 
 
