@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ssl_kd.cli_eval import add_eval_commands, add_strict_argument
+from ssl_kd.cli_eval import add_eval_commands, add_model_arguments, add_strict_argument
 from ssl_kd.errors import Interrupted, UserError
 
 TRAIN_HELP = """\
@@ -179,11 +179,37 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_HELP = """\
+Writes the backbone a run evaluates (DINO: the EMA teacher, --student for the student;
+MAE/DMAE: the encoder) as a folder that timm and Hugging Face tools load with no arguments:
+
+  ssl-kd export runs/demo/checkpoint.pth --out runs/demo/export
+  python -c 'import timm; timm.create_model("local-dir:runs/demo/export", pretrained=True)'
+
+The folder holds config.json (written by timm's save_config_for_hf: the timm name, the model
+arguments that rebuild it exactly, and the input size, mean, std, interpolation and crop of
+ssl-kd's evaluation) and model.safetensors. `ssl-kd eval knn|linear|attention` take the folder
+with no --model. An OUT ending in .safetensors, .pth or .pt is one file holding the state dict
+alone (timm then needs the model name and kwargs).
+
+CHECKPOINT: anything `ssl-kd eval` reads (an ssl_kd checkpoint.pth, an export, an official DINO,
+DINOv2 or MAE checkpoint, a timm state dict); read weights-only (a file that would run code is
+refused). The model comes from the file (run config, official args), else from --model and
+--model-kwargs. The weights are loaded strictly first: a tensor that does not fit the model
+stops the export with the keys named; keys dropped on purpose (heads, MAE's decoder, DINOv2's
+mask token) are listed. OUT is never the input nor a training checkpoint; an existing export
+is replaced (atomically) only with --force, and a folder holding anything else never.
+"""
+
+
 def _export(args: argparse.Namespace) -> int:
     from ssl_kd.models.export import export_backbone
 
-    keys = export_backbone(args.checkpoint, args.out, force=args.force)
-    print(f"wrote {len(keys)} tensors to {args.out}")
+    report = export_backbone(
+        args.checkpoint, args.out, args.force, part="student" if args.student else None,
+        model=args.model, model_kwargs=args.model_kwargs,
+    )  # fmt: skip
+    print(report)
     return 0
 
 
@@ -257,19 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     flops.set_defaults(run=_flops)
 
     export = commands.add_parser(
-        "export",
-        help="write a timm-loadable backbone state dict",
-        description="Writes the backbone a run evaluates (DINO: the teacher; MAE/DMAE: the "
-        "encoder) without prefixes or heads; timm.create_model(name, pretrained=True, "
-        "num_classes=0, pretrained_cfg_overlay=dict(file=OUT)) loads it strictly. The input "
-        "is read weights-only (a file that would run code is refused). OUT is never the input "
-        "nor a training checkpoint; an existing OUT is replaced only with --force.",
-    )
-    export.add_argument("checkpoint", help="an ssl_kd checkpoint.pth (or MAE/timm state dict)")
-    export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
+        "export", help="write the backbone as a folder timm loads with no arguments",
+        description=EXPORT_HELP, formatter_class=HelpFormatter,
+    )  # fmt: skip
+    export.add_argument("checkpoint", help="checkpoint file or export folder (see above)")
     export.add_argument(
-        "--force", action="store_true", help="replace OUT if it exists (atomically)"
+        "--out", required=True,
+        help="a new folder (config.json + model.safetensors), or FILE.safetensors / FILE.pth",
+    )  # fmt: skip
+    export.add_argument(
+        "--force", action="store_true", help="replace an earlier export at OUT (atomically)"
     )
+    export.add_argument(
+        "--student", action="store_true", help="export the student of a file holding both"
+    )
+    add_model_arguments(export)
     export.set_defaults(run=_export)
 
     add_eval_commands(commands)

@@ -22,14 +22,17 @@ each of the k nearest training images (cosine similarity) votes for its class wi
 exp(sim / T), T = 0.07. Features are extracted once; every k is scored from one search.
 
 CHECKPOINT: an ssl_kd run's checkpoint.pth (DINO: the EMA teacher, --student for the student;
-MAE/DMAE: the encoder), an ssl_kd export (.safetensors/.pth), an official DINO checkpoint
-(teacher/student), an official MAE checkpoint ({"model": ...}) or a timm state dict. The model
-comes from the run's saved config or the official args; give --model otherwise.
+MAE/DMAE: the encoder), an `ssl-kd export` folder or file, an official DINO checkpoint
+(teacher/student), an official DINOv2 backbone or checkpoint (registers, chunked blocks; heads
+dropped), an official MAE checkpoint ({"model": ...}) or a timm state dict. The model comes
+from the export folder's config.json, the run's saved config or the official args; give
+--model otherwise.
 
 DATA: 'digits' (the run's held-out split, same seed) or a folder with train/ and val/
 ImageFolders. Default: what the run was trained on (digits) — required otherwise.
 
   ssl-kd eval knn runs/demo/checkpoint.pth
+  ssl-kd eval knn runs/demo/export                   # an export folder: no --model needed
   ssl-kd eval knn dino_deitsmall16_pretrain_full_checkpoint.pth --data /data/imagenet
 """
 
@@ -89,14 +92,11 @@ def add_strict_argument(parser: argparse.ArgumentParser, relaxed: str) -> None:
     )
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    add_strict_argument(parser, "load the tensors that fit (missing keys keep their init)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --model-kwargs: the timm model, where the checkpoint does not say."""
     parser.add_argument(
-        "--student",
-        action="store_true",
-        help="evaluate the student of a file holding both (default: teacher)",
+        "--model", help="timm model name (default: from the checkpoint or export folder)"
     )
-    parser.add_argument("--model", help="timm model name (default: from the checkpoint)")
     parser.add_argument(
         "--model-kwargs",
         type=_yaml_mapping,
@@ -104,12 +104,22 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         metavar="YAML",
         help="timm overrides, e.g. '{patch_size: 4, embed_dim: 96, depth: 4}'",
     )
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    add_strict_argument(parser, "load the tensors that fit (missing keys keep their init)")
+    parser.add_argument(
+        "--student",
+        action="store_true",
+        help="evaluate the student of a file holding both (default: teacher)",
+    )
+    add_model_arguments(parser)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
-    parser.add_argument("checkpoint", help="checkpoint or state dict (see above)")
+    parser.add_argument("checkpoint", help="checkpoint, state dict or export folder (see above)")
     parser.add_argument("--data", help="'digits' or a folder with train/ and val/")
     parser.add_argument("--img-size", type=int, help="default: the run's global crop size")
     parser.add_argument("--batch-size", type=int, default=256)

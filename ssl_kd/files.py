@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -23,20 +24,20 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_atomic(
+def replace_file(
     path: str | Path,
     write: Callable[[BinaryIO], object],
     before_replace: Callable[[], object] | None = None,
 ) -> None:
     """Calls `write(handle)` on a temporary file beside `path`, fsyncs it and renames it over
     `path` (atomic on POSIX); the rename is fsynced too. On any error the temporary file is
-    removed and `path` is untouched.
+    removed and `path` is untouched. The file gets the mode any new file gets (0o666 less the
+    umask: 0o644 under the usual umask 022), not a private temporary file's 0o600.
 
     `before_replace` runs after the data is on disk and before the rename (a test hook).
 
     Raises:
-        RunFailed: the file system refused the write (full, read-only, no permission): one
-            line naming `path`, which is untouched.
+        OSError: as the file system raised it (see `write_atomic` for one line instead).
     """
     path = Path(path)
     tmp = temporary_path(path)
@@ -49,15 +50,74 @@ def write_atomic(
             before_replace()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(
+    path: str | Path,
+    write: Callable[[BinaryIO], object],
+    before_replace: Callable[[], object] | None = None,
+) -> None:
+    """`replace_file`, with a refused write worded for a run.
+
+    Raises:
+        RunFailed: the file system refused the write (full, read-only, no permission): one
+            line naming `path`, which is untouched.
+    """
+    try:
+        replace_file(path, write, before_replace)
     except OSError as err:
         if err.errno not in REFUSED_WRITES:
             raise
         raise RunFailed(
-            f"cannot write {path}: {err.strerror}; the previous {path.name}, if any, is "
+            f"cannot write {path}: {err.strerror}; the previous {Path(path).name}, if any, is "
             "untouched. Free space (or fix the permissions), then run the same command again"
         ) from None
+
+
+def replace_folder(
+    path: str | Path,
+    fill: Callable[[Path], object],
+    before_replace: Callable[[], object] | None = None,
+) -> None:
+    """Calls `fill(folder)` on a new hidden folder beside `path`, fsyncs every file in it, then
+    puts it in place of `path`. A half-written folder never replaces a good one: an existing
+    `path` is moved aside only once the new folder is complete, and deleted once the new one is
+    in place (POSIX cannot swap two folders in one rename; a crash between the two renames
+    leaves the old folder as `.NAME.old-PID` beside `path`). On any error the new folder is
+    removed and `path` is untouched. The folder gets the mode `mkdir` gives (0o755 under the
+    usual umask 022), not a private temporary folder's 0o700.
+
+    `before_replace` runs after the new folder is on disk and before the renames (a test hook).
+
+    Raises:
+        OSError: as the file system raised it.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        os.mkdir(tmp)  # 0o777 less the umask; tempfile.mkdtemp would give 0o700
+        fill(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if before_replace is not None:
+            before_replace()
+        if os.path.lexists(path):
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from ssl_kd.masking import gather_patches
+from ssl_kd.models.backbone import create_backbone
 from ssl_kd.models.weights import load_backbone_weights
-from tests.helpers import tiny_backbone
+from tests.helpers import TINY_VIT, tiny_backbone
 
 
 @pytest.fixture
@@ -108,3 +109,37 @@ def test_load_weights_round_trip_and_mismatch(tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_backbone_weights(target, tmp_path / "junk.pth")
+
+
+def test_register_tokens_stay_with_every_kept_patch_and_out_of_the_cls_attention():
+    """DINOv2 with registers (timm's `no_embed_class`): [CLS] and 4 registers come first and get
+    no position embedding; the patches get theirs before the gather; the [CLS] attention row
+    covers the kept patches only (softmax over all keys, registers included)."""
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_small_patch14_reg4_dinov2", 32, **TINY_VIT).eval()
+    with torch.no_grad():  # the tokens and layer scales start near 0: make every part count
+        for parameter in backbone.parameters():
+            parameter.normal_(0.0, 0.2)
+    vit = backbone.vit
+    x = torch.randn(2, 3, 32, 32)
+    keep_idx = torch.tensor([[0, 3, 10, 63], [1, 2, 40, 50]])
+    out = backbone(x, keep_idx, cls_attention=True)
+    # reference built by hand from the parameters, not from timm's _pos_embed
+    patches = vit.patch_embed(x).flatten(1, 2) + vit.pos_embed  # [B, 64, D]
+    prefix = torch.cat([vit.cls_token, vit.reg_token], dim=1).expand(2, -1, -1)  # [B, 5, D]
+    kept = torch.cat([prefix, patches[torch.arange(2)[:, None], keep_idx]], dim=1)
+    last = vit.blocks[-1].attn
+    captured = []
+    handle = last.attn_drop.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0]))
+    last.fused_attn = False
+    try:
+        reference = vit.norm(vit.blocks(kept))
+    finally:
+        last.fused_attn = True
+        handle.remove()
+    assert backbone.num_prefix_tokens == 5 and out.tokens.shape == (2, 5 + 4, 64)
+    assert torch.allclose(out.tokens, reference, atol=1e-5)
+    assert out.cls_attention.shape == (2, 2, 4)
+    assert torch.allclose(out.cls_attention, captured[0][:, :, 0, 5:], atol=1e-5)
+    everything = backbone(x)  # all patches: timm's own forward
+    assert torch.equal(everything.cls, vit.forward_head(vit.forward_features(x), pre_logits=True))

@@ -1,4 +1,5 @@
 import argparse
+import json
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch
 from ssl_kd.cli import main
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import train
-from ssl_kd.evaluation.loading import architecture_from_args, load_backbone
+from ssl_kd.evaluation.loading import load_backbone
+from ssl_kd.models.architecture import architecture_from_args
 from ssl_kd.models.export import export_backbone
 from tests.helpers import TINY_VIT, tiny_backbone, tiny_config
 
@@ -160,3 +162,27 @@ def test_cli_knn_on_the_run_scores_every_k(run, tmp_path, capsys):
     result = json.loads((tmp_path / "knn_eval.json").read_text())
     assert set(result["scores"]) == {"10", "20", "100", "200"}
     assert result["data"].startswith("digits (held-out 20%")
+
+
+def test_an_export_folder_needs_no_model_in_eval(run, tmp_path, capsys):
+    """config.json says which model: knn and attention take the folder alone, and k-NN scores
+    the run's own held-out digits (the run config travels in config.json) as the checkpoint."""
+    out = tmp_path / "export"
+    export_backbone(run / "checkpoint.pth", out)
+    exported, report = load_backbone(out)
+    assert report.layout == "export folder (vit_tiny_patch16_224)" and report.img_size == 32
+    assert {key: report.model_kwargs[key] for key in TINY_VIT} == TINY_VIT
+    assert torch.equal(features(exported), features(load_backbone(run / "checkpoint.pth")[0]))
+    scores = {}
+    for name, source in (("export", out), ("checkpoint", run / "checkpoint.pth")):
+        args = ["eval", "knn", str(source), "--ks", "5", "--output-dir", str(tmp_path / name)]
+        assert main(args) == 0
+        scores[name] = json.loads((tmp_path / name / "knn_eval.json").read_text())
+    assert scores["export"]["scores"] == scores["checkpoint"]["scores"]
+    assert scores["export"]["data"] == scores["checkpoint"]["data"]
+    pictures = ["eval", "attention", "--checkpoint", str(out), "sklearn:china.jpg"]
+    assert main([*pictures, "--img-size", "32", "--out", str(tmp_path / "pictures")]) == 0
+    assert (tmp_path / "pictures" / "china_attention.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "knn", str(out), "--student"]) == 2  # one backbone in an export
+    assert "holding one backbone, so --student does not apply" in capsys.readouterr().err

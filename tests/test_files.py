@@ -5,7 +5,7 @@ import pytest
 
 from ssl_kd.cli import main
 from ssl_kd.errors import RunFailed, UserError
-from ssl_kd.files import check_writable_folder, write_atomic, write_text_atomic
+from ssl_kd.files import check_writable_folder, replace_folder, write_atomic, write_text_atomic
 from tests.helpers import fill, mounted_tmpfs, tiny_overrides
 
 
@@ -49,3 +49,26 @@ def test_write_on_a_full_file_system_is_one_line_and_keeps_the_old_file(tmp_path
             write_atomic(target, lambda handle: handle.write(bytes(256 << 10)))
         assert target.read_text() == "the last good state"
         assert sorted(p.name for p in full.iterdir()) == ["checkpoint.pth", "filler"]
+
+
+def test_replace_folder_puts_a_whole_folder_in_place_or_leaves_the_old_one(tmp_path):
+    target = tmp_path / "export"
+    replace_folder(target, lambda folder: (folder / "a.txt").write_text("old"))
+
+    def half_way(folder):
+        (folder / "a.txt").write_text("new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        replace_folder(target, half_way)
+
+    def refuse():
+        raise RuntimeError("stopped before the rename")
+
+    with pytest.raises(RuntimeError):  # a whole new folder, stopped before it moves in
+        replace_folder(target, lambda folder: (folder / "a.txt").write_text("new"), refuse)
+    assert (target / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no .export.tmp-* left
+    replace_folder(target, lambda folder: (folder / "b.txt").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the old one is gone

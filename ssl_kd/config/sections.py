@@ -58,8 +58,15 @@ def check_ratio(key: str, ratio: float | None) -> None:
 
 
 def check_file(key: str, path: str | None) -> None:
-    if path and not Path(path).is_file():
-        raise ConfigError(f"{key}={path} does not exist (nothing is ever downloaded)")
+    """A local weights file, or an export folder (its config.json says which model it holds)."""
+    if not path or Path(path).is_file() or (Path(path) / "config.json").is_file():
+        return
+    if Path(path).is_dir():
+        raise ConfigError(
+            f"{key}={path} is a folder without config.json: name a weights file or an "
+            "`ssl-kd export` folder"
+        )
+    raise ConfigError(f"{key}={path} does not exist (nothing is ever downloaded)")
 
 
 @dataclass

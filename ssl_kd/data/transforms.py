@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +150,31 @@ def to_unit_range(images: Tensor) -> Tensor:
     return (images * std + mean).clamp(0, 1)
 
 
+EVAL_CROP_FRACTION = 0.875  # the centre crop's side / the resized shorter side
+
+
 def eval_transform(img_size: int) -> T.Compose:
     """Resize (shorter side to size / 0.875) + centre crop + normalise, the k-NN/linear protocol."""
     return T.Compose(
         [
-            T.Resize(round(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize(
+                round(img_size / EVAL_CROP_FRACTION), interpolation=T.InterpolationMode.BICUBIC
+            ),
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def eval_preprocessing(img_size: int) -> dict[str, Any]:
+    """`eval_transform` in the words of a timm `pretrained_cfg` (what an export's config.json
+    tells timm and Hugging Face tools: input size, mean, std, interpolation, centre crop)."""
+    return {
+        "input_size": (3, img_size, img_size),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bicubic",
+        "crop_pct": EVAL_CROP_FRACTION,
+        "crop_mode": "center",
+    }

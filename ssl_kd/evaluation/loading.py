@@ -1,22 +1,18 @@
-"""A checkpoint file → the backbone to evaluate, built with the right architecture.
-
-The architecture comes from, in order: the caller (`--model`, `--model-kwargs`), the ssl_kd run
-config saved in the checkpoint, or the official DINO/MAE `args` saved in it (`arch` +
-`patch_size`, `model`). The position-embedding size is read from the weights, so a checkpoint
-trained at any resolution loads strictly (the backbone still runs at any size).
+"""A checkpoint file or export folder → the backbone to evaluate, built with the right
+architecture (`ssl_kd.models.architecture` says which: the caller's, an export's config.json,
+the run's saved config or the official `args`).
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ssl_kd.errors import UserError, key_list
+from ssl_kd.models.architecture import resolve_architecture
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
-from ssl_kd.models.weights import BackboneWeights, check_fit, fit_problems, read_backbone_weights
+from ssl_kd.models.weights import check_fit, fit_problems, read_backbone_weights
 
 
 @dataclass
@@ -52,33 +48,6 @@ class LoadReport:
         )
 
 
-def architecture_from_args(args: Any) -> str | None:
-    """timm name of an official DINO (`arch`, `patch_size`) or MAE (`model`) run, if known."""
-    arch = getattr(args, "arch", None)
-    if isinstance(arch, str) and re.fullmatch(r"vit_(tiny|small|base|large)", arch):
-        return f"{arch}_patch{getattr(args, 'patch_size', 16)}_224"
-    model = getattr(args, "model", None)
-    if isinstance(model, str):
-        match = re.fullmatch(r"(?:mae_)?(vit_(?:base|large|huge)_patch\d+)", model)
-        if match:
-            return f"{match.group(1)}_224"
-    return None
-
-
-def _img_size_from_weights(weights: BackboneWeights, patch_size: int | None) -> int | None:
-    """Training resolution implied by pos_embed [1, (1 +) N, D] and the patch size."""
-    pos_embed = weights.state.get("pos_embed")
-    proj = weights.state.get("patch_embed.proj.weight")  # [D, 3, p, p]
-    if pos_embed is None or (proj is None and patch_size is None):
-        return None
-    patch = int(proj.shape[-1]) if proj is not None else int(patch_size or 16)
-    for prefix in (1, 0):
-        side = math.isqrt(pos_embed.shape[1] - prefix)
-        if side * side == pos_embed.shape[1] - prefix and side > 0:
-            return side * patch
-    return None
-
-
 def load_backbone(
     path: str | Path,
     *,
@@ -90,30 +59,18 @@ def load_backbone(
     """Builds the backbone a checkpoint holds and loads it strictly (heads etc. ignored).
 
     Args:
-        path: any file `read_backbone_weights` accepts.
+        path: any file or export folder `read_backbone_weights` accepts.
         part: "teacher" / "student" for files holding both; None: what the run evaluates.
-        model, model_kwargs: timm name and overrides; default: from the file's saved config.
+        model, model_kwargs: timm name and overrides; default: what the file says
+            (`resolve_architecture`).
         strict: False loads the tensors that fit and reports the others instead of raising.
 
     Raises:
         ValueError: the architecture is unknown, or the weights do not fit it (keys named).
     """
     weights = read_backbone_weights(path, part)
-    kwargs = dict(model_kwargs or {})
-    img_size = None
-    if model is None and weights.config is not None:
-        saved = weights.config["model"]
-        model, img_size = saved["name"], int(saved["img_size"])
-        kwargs = {**saved.get("kwargs", {}), **kwargs}
-    if model is None:
-        model = architecture_from_args(weights.args)
-    if model is None:
-        raise UserError(
-            f"{path} ({weights.layout}) does not say which model it holds: pass --model NAME "
-            "(a timm ViT, e.g. vit_small_patch16_224) and, for a non-standard size, "
-            "--model-kwargs '{patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}'"
-        )
-    img_size = _img_size_from_weights(weights, kwargs.get("patch_size")) or img_size or 224
+    arch = resolve_architecture(weights, model, model_kwargs)
+    model, kwargs, img_size = arch.name, arch.kwargs, arch.img_size
     try:
         backbone = create_backbone(model, img_size, **kwargs)
     except TypeError as err:
