@@ -62,7 +62,7 @@ class DmaeConfig:
     # (student block, teacher block) pairs, 0-based; the teacher stops after the deepest one.
     aligned_blocks: list[list[int]] = field(default_factory=lambda: [[8, 17]])
     projection: str = "linear"
-    distill_weight: float = 1.0
+    distill_weight: float = 1.0  # times the sum of the pairs' alignment losses
     # Fraction of the student's visible patches the teacher sees (top of the student's [CLS]
     # attention); 1.0: all visible patches, as in DMAE.
     teacher_keep_ratio: float = 1.0
@@ -312,10 +312,10 @@ class DMAE(Method):
             student_tokens = student_blocks[s_block]  # [B, P + k, D_s]
             if visible_pos is not None:
                 student_tokens = gather_patches(student_tokens, visible_pos, prefix)
+            # Summed, each pair with weight 1, as the official DMAE code adds its pair losses.
             distill = distill + feature_alignment_loss(
                 projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
             )
-        distill = distill / len(self.pairs)
         metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix)
         return StepOutput(
             recon + self.cfg.distill_weight * distill,
