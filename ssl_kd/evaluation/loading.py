@@ -101,10 +101,13 @@ def load_backbone(
     weights = read_backbone_weights(path, part)
     kwargs = dict(model_kwargs or {})
     img_size = None
+    interpolation = "timm"
     if model is None and weights.config is not None:
         saved = weights.config["model"]
         model, img_size = saved["name"], int(saved["img_size"])
         kwargs = {**saved.get("kwargs", {}), **kwargs}
+        # Runs saved before the key existed resampled as timm does.
+        interpolation = saved.get("pos_embed_interpolation") or interpolation
     if model is None:
         model = architecture_from_args(weights.args)
     if model is None:
@@ -115,7 +118,7 @@ def load_backbone(
         )
     img_size = _img_size_from_weights(weights, kwargs.get("patch_size")) or img_size or 224
     try:
-        backbone = create_backbone(model, img_size, **kwargs)
+        backbone = create_backbone(model, img_size, pos_embed_interpolation=interpolation, **kwargs)
     except TypeError as err:
         raise UserError(f"--model-kwargs {kwargs} do not fit {model}: {err}") from None
     missing, unexpected, mismatched = fit_problems(backbone, weights)

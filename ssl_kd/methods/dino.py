@@ -145,6 +145,7 @@ class DINO(Method):
     views = Views.MULTI_CROP
     default_keep_ratio = 1.0  # plain DINO; MaskedKD's teacher masking below 1
     default_strategy = "attention_topk"
+    default_pos_embed_interpolation = "dino"  # local crops' position embedding as DINO's
     backbones: ClassVar[dict[str, str]] = {
         "teacher": "teacher.backbone",
         "student": "student.backbone",
