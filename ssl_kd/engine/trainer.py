@@ -87,6 +87,7 @@ class Trainer:
         )  # fmt: skip
         self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
+            distributed.sync_batch_norms(self.method, self.ctx)  # CUDA only (torch's limit)
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.optimizer = self._optimizer()
         self.steps_per_epoch = self.stream.steps_per_epoch

@@ -59,7 +59,8 @@ class DinoConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # False for ViT-S in the official recipe
-    batch_norm: bool = False  # BatchNorm in the head's MLP (DINO's ResNet recipe)
+    # BatchNorm in the head's MLP (DINO's --use_bn_in_head); SyncBatchNorm under DDP on CUDA.
+    batch_norm: bool = False
     student_temp: float = 0.1
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
