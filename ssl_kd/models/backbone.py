@@ -55,8 +55,8 @@ class ViTBackbone(nn.Module):
     Args:
         vit: built with `dynamic_img_size=True`.
         pos_embed_interpolation: how the position embedding is resampled for a crop on another
-            patch grid: "dino" (official DINO: bicubic by grid + 0.1, no antialiasing) or
-            "timm" (timm's own: bicubic to the grid, antialiased).
+            patch grid, named after the code it follows (`INTERPOLATIONS`): official DINO's
+            (bicubic by grid + 0.1, no antialiasing) or timm's (bicubic to the grid, antialiased).
     """
 
     def __init__(self, vit: nn.Module, pos_embed_interpolation: str = "timm") -> None:
