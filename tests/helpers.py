@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ssl_kd.config import Config
@@ -61,6 +62,21 @@ def tiny_overrides(output_dir: Path, **extra: object) -> list[str]:
 
 def tiny_config(output_dir: Path, **extra: object) -> Config:
     return load_config(None, tiny_overrides(output_dir, **extra))
+
+
+# --- the originals' formulas, written out independently -------------------------------------
+def mae_sincos_reference(dim: int, size: int) -> np.ndarray:
+    """MAE's get_2d_sincos_pos_embed(dim, size) without the [CLS] row: meshgrid with w first,
+    half the channels from each coordinate, omega in float64."""
+
+    def one_axis(half: int, positions: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(half // 2, dtype=np.float64) / (half / 2.0))
+        angles = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    axis = np.arange(size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(axis, axis), axis=0).reshape(2, 1, size, size)
+    return np.concatenate([one_axis(dim // 2, grid[0]), one_axis(dim // 2, grid[1])], axis=1)
 
 
 # --- data and teacher files -----------------------------------------------------------------

@@ -74,3 +74,18 @@ def test_console_script_exit_code(tmp_path):
     assert result.returncode == 2
     assert "config file nope.yaml does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pos_embed_interpolation_defaults_to_the_methods_and_reaches_the_backbones(tmp_path):
+    from ssl_kd.engine.build import build_method
+    from tests.helpers import tiny_config
+
+    dino = build_method(tiny_config(tmp_path))
+    assert dino.student.backbone.pos_embed_interpolation == "dino"
+    assert dino.teacher.backbone.pos_embed_interpolation == "dino"
+    mae = load_config(None, ["data.name=digits", "method=mae", "masking.keep_ratio=0.25"])
+    assert mae.model.pos_embed_interpolation == "timm"
+    chosen = tiny_config(tmp_path, **{"model.pos_embed_interpolation": "timm"})
+    assert build_method(chosen).student.backbone.pos_embed_interpolation == "timm"
+    with pytest.raises(ConfigError, match=r"model\.pos_embed_interpolation='bicubic' is not valid"):
+        load_config(None, ["data.name=digits", "model.pos_embed_interpolation=bicubic"])

@@ -134,6 +134,28 @@ def test_collapse_signals():
     assert collapsed["teacher_batch_entropy"] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_teacher_entropy_uses_the_center_of_the_steps_loss():
+    """The loss updates the center after using it; the logged entropy is that of the teacher
+    distribution the loss used, i.e. with the center before its update."""
+    dino = make_dino().eval()
+    batch = views()
+    dino.loss_fn.center.copy_(
+        3.0 * torch.randn(1, 1, 50, generator=torch.Generator().manual_seed(5))
+    )
+    before = dino.loss_fn.center.reshape(1, -1).clone()
+    out = dino(batch, StepState(0, 0))
+    after = dino.loss_fn.center.reshape(1, -1)
+    teacher_logits = dino.teacher(torch.cat(batch[:2]))[0]
+
+    def entropy(center):
+        probs = ((teacher_logits - center) / 0.04).softmax(-1)
+        return float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+
+    assert not torch.allclose(before, after)  # the step moved the center
+    assert out.metrics["teacher_entropy"] == pytest.approx(entropy(before), rel=1e-5)
+    assert out.metrics["teacher_entropy"] != pytest.approx(entropy(after), rel=1e-3)
+
+
 def test_per_parameter_clipping_as_official_dino():
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])

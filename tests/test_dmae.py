@@ -87,6 +87,29 @@ def test_distillation_term_matches_the_formula_inside_the_method():
     assert out.metrics["distill_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_several_aligned_pairs_add_up_as_in_the_official_code():
+    """Official DMAE adds each pair's loss to the total with weight 1: a sum, not a mean."""
+    dmae = make_dmae(pairs=((0, 1), (1, 3))).eval()
+    images = torch.randn(2, 3, 32, 32)
+    out = dmae([images], StepState(0, 0, torch.Generator().manual_seed(3)))
+    keep_idx = __import__("ssl_kd.masking", fromlist=["select"]).select(
+        None, 16, "random", num_patches=64, batch_size=2, generator=torch.Generator().manual_seed(3)
+    )
+    student = dmae.student.encoder(images, keep_idx, return_blocks=[0, 1]).block_outputs
+    teacher = dmae.teacher(images, keep_idx, return_blocks=[1, 3]).block_outputs
+    terms = [
+        F.l1_loss(
+            F.normalize(dmae.student.projections[i](student[s]), dim=-1),
+            F.normalize(teacher[t], dim=-1),
+        )
+        for i, (s, t) in enumerate(((0, 1), (1, 3)))
+    ]
+    assert out.metrics["distill_loss"] == pytest.approx((terms[0] + terms[1]).item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        out.metrics["recon_loss"] + (terms[0] + terms[1]).item(), rel=1e-5
+    )
+
+
 def test_teacher_keep_ratio_restricts_teacher_and_loss_to_top_tokens():
     dmae = make_dmae(teacher_keep_ratio=0.5).eval()
     calls, _, _ = spy_on_teacher(dmae)

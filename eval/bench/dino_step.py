@@ -133,6 +133,8 @@ class SslKdStep:
             f"output_dir={output_dir}", "data.name=digits", "data.transform=batched",
             "data.num_workers=0", f"train.batch_size={batch}", f"masking.keep_ratio={keep_ratio}",
             "masking.strategy=attention_topk", "train.device=cpu", "eval.knn_at_end=false",
+            # as the reference's head (and the README's measured rows): the last layer's norm trains
+            "dino.norm_last_layer=false",
             *overrides,
         ]  # fmt: skip
         cfg = load_config(REPO / "configs" / "dino_vit_s16.yaml", overrides)

@@ -77,8 +77,16 @@ class ModelConfig:
     checkpoint: str | None = None  # local file to start from; nothing is ever downloaded
     # Extra timm.create_model keyword arguments (e.g. patch_size, embed_dim, depth, num_heads).
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # How the position embedding is resampled for crops on another patch grid (DINO's 96-px
+    # local crops): dino (official DINO: bicubic by grid + 0.1, no antialiasing) or timm
+    # (bicubic to the grid, antialiased). None takes the method's default (DINO: dino, else timm).
+    pos_embed_interpolation: str | None = None
 
     def check(self) -> None:
+        # Imported here, as in MaskingConfig.check: the models import torch.
+        from ssl_kd.models.pos_embed import INTERPOLATIONS
+
+        check_choice("model.pos_embed_interpolation", self.pos_embed_interpolation, INTERPOLATIONS)
         check_positive({"model.img_size": self.img_size})
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must lie in [0, 1)")

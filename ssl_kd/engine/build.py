@@ -10,14 +10,18 @@ from ssl_kd.models.weights import load_backbone_weights
 
 
 def build_backbone(cfg: Config, drop_path_rate: float | None = None) -> ViTBackbone:
-    """The student backbone `model` describes, from `model.checkpoint` if set."""
+    """The student backbone `model` describes, initialised as its method does (MAE: fixed
+    sin-cos position embedding, xavier), then from `model.checkpoint` if set."""
     model = cfg.model
+    assert model.pos_embed_interpolation is not None, "the method's default fills it on loading"
     backbone = create_backbone(
         model.name,
         model.img_size,
         drop_path_rate=model.drop_path_rate if drop_path_rate is None else drop_path_rate,
+        pos_embed_interpolation=model.pos_embed_interpolation,
         **dict(model.kwargs),
     )
+    registry.method_class(cfg.method).init_backbone(backbone)
     if model.checkpoint is not None:
         load_backbone_weights(backbone, model.checkpoint)
     return backbone

@@ -250,3 +250,25 @@ def load_method_state(
         f"{path}: loaded {len(fitting)} of {len(expected)} tensors ({problems}); the rest keep "
         "their initial values and the optimizer starts afresh"
     ]
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path, strict: bool = True
+) -> None:
+    """Loads the optimizer state saved beside weights that all loaded.
+
+    It fits only if the run trains the same tensors: a MAE/DMAE run saved before ssl_kd froze
+    MAE's position embedding trained one tensor more, for instance.
+
+    Raises:
+        UserError: (strict) it does not fit; without strict, a warning and a fresh optimizer.
+    """
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as err:  # torch: "... doesn't match the size of optimizer's group"
+        problem = f"{path}: the optimizer state does not fit the parameters this run trains ({err})"
+        if strict:
+            raise UserError(
+                f"{problem}; pass --strict false to resume the weights with a fresh optimizer"
+            ) from None
+        print(f"warning (--strict false): {problem}; the optimizer starts afresh", file=sys.stderr)

@@ -112,6 +112,20 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def sync_batch_norms(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """Every BatchNorm in `module` (student and teacher alike) becomes a SyncBatchNorm when
+    several CUDA processes train, as official DINO converts its networks when the head has
+    BatchNorm (`dino.batch_norm`): batch statistics are then those of the global batch.
+
+    torch's SyncBatchNorm runs on GPUs only (a CPU input raises), so on CPU (gloo) each
+    process keeps normalising its own share of the batch. The layers keep their parameters and
+    buffers (same tensors, same state-dict keys); `module` is converted in place and returned.
+    """
+    if not (ctx.distributed and ctx.device.type == "cuda"):
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     """DDP around the trainable part only (`Method.wrap_trainable`); gradients are averaged
     over ranks, so equal shards give the gradient of the global batch's mean loss."""

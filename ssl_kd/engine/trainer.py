@@ -28,6 +28,7 @@ from ssl_kd.engine.checkpoint import (
     CheckpointStore,
     check_model_name,
     load_method_state,
+    load_optimizer_state,
     rng_state,
     set_rng_state,
 )
@@ -86,6 +87,7 @@ class Trainer:
         )  # fmt: skip
         self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
+            distributed.sync_batch_norms(self.method, self.ctx)  # CUDA only (torch's limit)
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.optimizer = self._optimizer()
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -174,7 +176,7 @@ class Trainer:
         for note in notes:
             print(f"warning (--strict false): {note}", file=sys.stderr)
         if not notes:  # the optimizer state fits only weights that all loaded
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"], path, self.strict)
         self.step = int(state["step"])
         self.totals.update(state.get("totals", {}))
         self.results.update(state.get("results", {}))

@@ -72,7 +72,9 @@ def load_backbone(
     arch = resolve_architecture(weights, model, model_kwargs)
     model, kwargs, img_size = arch.name, arch.kwargs, arch.img_size
     try:
-        backbone = create_backbone(model, img_size, **kwargs)
+        backbone = create_backbone(
+            model, img_size, pos_embed_interpolation=arch.pos_embed_interpolation, **kwargs
+        )
     except TypeError as err:
         raise UserError(f"--model-kwargs {kwargs} do not fit {model}: {err}") from None
     missing, unexpected, mismatched = fit_problems(backbone, weights)

@@ -69,6 +69,8 @@ class Method(nn.Module):
     # masking.keep_ratio / masking.strategy when the config leaves them unset (None).
     default_keep_ratio: ClassVar[float] = 1.0
     default_strategy: ClassVar[str] = "attention_topk"
+    # model.pos_embed_interpolation when the config leaves it unset (None).
+    default_pos_embed_interpolation: ClassVar[str] = "timm"
     # Where the backbones it can export sit in its state dict (part → module path of a
     # `ViTBackbone`), and which part is evaluated and exported by default.
     backbones: ClassVar[dict[str, str]] = {}
@@ -77,11 +79,13 @@ class Method(nn.Module):
     # --- declared once per method ---------------------------------------------------------
     @classmethod
     def resolve_defaults(cls, cfg: Config) -> None:
-        """Fills the config values this method chooses (masking defaults)."""
+        """Fills the config values this method chooses (masking, position embedding)."""
         if cfg.masking.keep_ratio is None:
             cfg.masking.keep_ratio = cls.default_keep_ratio
         if cfg.masking.strategy is None:
             cfg.masking.strategy = cls.default_strategy
+        if cfg.model.pos_embed_interpolation is None:
+            cfg.model.pos_embed_interpolation = cls.default_pos_embed_interpolation
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -89,6 +93,11 @@ class Method(nn.Module):
         check = getattr(cfg.section(cls.section), "check", None)
         if check is not None:
             check()
+
+    @classmethod
+    def init_backbone(cls, backbone: ViTBackbone) -> None:
+        """The method's own initialisation of the freshly built student backbone, before
+        `model.checkpoint` (if any) loads over it; timm's initialisation stays by default."""
 
     @classmethod
     def build(cls, cfg: Config, backbone: ViTBackbone) -> Method:

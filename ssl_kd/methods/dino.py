@@ -59,7 +59,8 @@ class DinoConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # False for ViT-S in the official recipe
-    batch_norm: bool = False  # BatchNorm in the head's MLP (DINO's ResNet recipe)
+    # BatchNorm in the head's MLP (DINO's --use_bn_in_head); SyncBatchNorm under DDP on CUDA.
+    batch_norm: bool = False
     student_temp: float = 0.1
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
@@ -145,6 +146,7 @@ class DINO(Method):
     views = Views.MULTI_CROP
     default_keep_ratio = 1.0  # plain DINO; MaskedKD's teacher masking below 1
     default_strategy = "attention_topk"
+    default_pos_embed_interpolation = "dino"  # local crops' position embedding as DINO's
     backbones: ClassVar[dict[str, str]] = {
         "teacher": "teacher.backbone",
         "student": "student.backbone",
@@ -287,12 +289,14 @@ class DINO(Method):
                 )
             teacher_logits, _, _ = self.teacher(global_views, keep_idx=keep_idx)
 
+        # The loss moves the center after using it: the statistics use the center it used.
+        center = self.loss_fn.center.detach().clone()
         loss = self.loss_fn(
             list(teacher_logits.float().chunk(2)),
             list(student_logits.float().chunk(len(views))),
             teacher_temp=teacher_temp,
         )
-        metrics = self._teacher_stats(teacher_logits.detach().float(), teacher_temp)
+        metrics = self._teacher_stats(teacher_logits.detach().float(), teacher_temp, center)
         metrics["dino_loss"] = loss.item()  # each term is named when the total is not finite
         if self.cfg.koleo_weight > 0:
             # DINOv2: one KoLeo term per global crop, over that crop's batch.
@@ -316,10 +320,17 @@ class DINO(Method):
         )
 
     @torch.no_grad()
-    def _teacher_stats(self, teacher_logits: Tensor, temp: float) -> dict[str, float]:
+    def _teacher_stats(
+        self, teacher_logits: Tensor, temp: float, center: Tensor | None = None
+    ) -> dict[str, float]:
         """Collapse signals: per-sample entropy → ln K means uniform collapse; entropy of the
-        batch-mean distribution → 0 means every image lands in one dimension."""
-        center = self.loss_fn.center.reshape(1, -1)
+        batch-mean distribution → 0 means every image lands in one dimension.
+
+        Args:
+            teacher_logits: [B, K]; center: [1, 1, K], the center the loss of this step used
+                (default: the current one).
+        """
+        center = (self.loss_fn.center if center is None else center).reshape(1, -1)
         probs = ((teacher_logits - center) / temp).softmax(dim=-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         mean_probs = probs.mean(0)

@@ -35,16 +35,11 @@ from ssl_kd.errors import ConfigError, UserError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import complement, gather_patches, num_kept, select
-from ssl_kd.methods.base import (
-    KeepRatioSchedule,
-    Method,
-    StepOutput,
-    StepState,
-    masking_strategy,
-)
+from ssl_kd.methods.base import KeepRatioSchedule, Method, StepOutput, StepState, masking_strategy
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone, check_backbone, create_backbone
 from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
+from ssl_kd.models.mae_init import init_like_mae
 from ssl_kd.models.weights import load_backbone_weights
 
 
@@ -62,7 +57,7 @@ class DmaeConfig:
     # (student block, teacher block) pairs, 0-based; the teacher stops after the deepest one.
     aligned_blocks: list[list[int]] = field(default_factory=lambda: [[8, 17]])
     projection: str = "linear"
-    distill_weight: float = 1.0
+    distill_weight: float = 1.0  # times the sum of the pairs' alignment losses
     # Fraction of the student's visible patches the teacher sees (top of the student's [CLS]
     # attention); 1.0: all visible patches, as in DMAE.
     teacher_keep_ratio: float = 1.0
@@ -175,8 +170,7 @@ class DMAE(Method):
                 f"dmae.aligned_blocks={pairs} must be a non-empty list of [student_block, "
                 "teacher_block] pairs of 0-based block indices, e.g. [[8, 17]]"
             )
-        # Both networks on the meta device: the teacher's grid and depth, before any work.
-        try:
+        try:  # both networks on the meta device: the teacher's grid and depth, before any work
             teacher = check_backbone(
                 dmae.teacher_name, cfg.model.img_size, **dict(dmae.teacher_kwargs)
             )
@@ -184,6 +178,10 @@ class DMAE(Method):
             raise ConfigError(f"dmae.teacher_name / dmae.teacher_kwargs: {err}") from None
         student = check_backbone(cfg.model.name, cfg.model.img_size, **dict(cfg.model.kwargs))
         check_teacher_fits(student, teacher, cfg.data.global_crop_size, pairs)
+
+    @classmethod
+    def init_backbone(cls, backbone: ViTBackbone) -> None:
+        init_like_mae(backbone)  # MAE's encoder: fixed sin-cos table, xavier, [CLS] std 0.02
 
     @classmethod
     def distils(cls, cfg: Config) -> bool:
@@ -312,10 +310,10 @@ class DMAE(Method):
             student_tokens = student_blocks[s_block]  # [B, P + k, D_s]
             if visible_pos is not None:
                 student_tokens = gather_patches(student_tokens, visible_pos, prefix)
+            # Summed, each pair with weight 1, as the official DMAE code adds its pair losses.
             distill = distill + feature_alignment_loss(
                 projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
             )
-        distill = distill / len(self.pairs)
         metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix)
         return StepOutput(
             recon + self.cfg.distill_weight * distill,

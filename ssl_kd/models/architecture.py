@@ -33,12 +33,16 @@ class Architecture:
         kwargs: overrides of that model's defaults (patch_size, embed_dim, depth, ...).
         img_size: the size its position embedding is built for.
         source: where the name came from, e.g. "the run's config", for messages.
+        pos_embed_interpolation: how crops of another size resample the position embedding
+            (`model.pos_embed_interpolation`): the run's setting; `timm` for files of other
+            origin and for runs saved before the key existed.
     """
 
     name: str
     kwargs: dict[str, Any]
     img_size: int
     source: str
+    pos_embed_interpolation: str = "timm"
 
 
 def architecture_from_args(args: Any) -> str | None:
@@ -113,4 +117,7 @@ def resolve_architecture(
             "--model-kwargs '{patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}'"
         )
     img_size = img_size_from_weights(weights.state, kwargs.get("patch_size")) or img_size or 224
-    return Architecture(model, kwargs, img_size, source)
+    interpolation = "timm"
+    if weights.config is not None:
+        interpolation = weights.config["model"].get("pos_embed_interpolation") or interpolation
+    return Architecture(model, kwargs, img_size, source, interpolation)

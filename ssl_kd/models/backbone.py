@@ -4,6 +4,9 @@
 patches in `keep_idx` (prefix tokens, i.e. [CLS] and registers, always stay), so a teacher fed
 a subset of patches pays only for those tokens (MaskedKD, arXiv:2302.10494; MAE, arXiv:2111.06377).
 
+Crops on another patch grid than the position embedding's (DINO's 96-px local crops) get it
+resampled as official DINO does (`pos_embed_interpolation="dino"`) or as timm does ("timm").
+
 The [CLS]→patch attention of the last block is recomputed from that block's own `qkv` output,
 captured by a forward hook: one query row against all keys, O(N·d) extra work. timm's fused
 attention stays on everywhere; no attention matrix is ever materialised for the other blocks.
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 
 from ssl_kd.errors import UserError
 from ssl_kd.masking import gather_patches
+from ssl_kd.models.pos_embed import INTERPOLATIONS, resample_like_dino
 
 
 @dataclass
@@ -46,15 +50,28 @@ class BackboneOutput:
 
 
 class ViTBackbone(nn.Module):
-    """A timm `VisionTransformer` with masked and truncated forwards."""
+    """A timm `VisionTransformer` with masked and truncated forwards.
 
-    def __init__(self, vit: nn.Module) -> None:
+    Args:
+        vit: built with `dynamic_img_size=True`.
+        pos_embed_interpolation: how the position embedding is resampled for a crop on another
+            patch grid, named after the code it follows (`INTERPOLATIONS`): official DINO's
+            (bicubic by grid + 0.1, no antialiasing) or timm's (bicubic to the grid, antialiased).
+    """
+
+    def __init__(self, vit: nn.Module, pos_embed_interpolation: str = "timm") -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
         if not vit.dynamic_img_size:
             raise ValueError("build the ViT with dynamic_img_size=True (multi-crop needs it)")
+        if pos_embed_interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"pos_embed_interpolation={pos_embed_interpolation!r}: choose one of "
+                f"{', '.join(INTERPOLATIONS)}"
+            )
         self.vit: VisionTransformer = vit
+        self.pos_embed_interpolation = pos_embed_interpolation
 
     @property
     def embed_dim(self) -> int:
@@ -84,9 +101,33 @@ class ViTBackbone(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """Pixels [B, C, H, W] → tokens [B, P + N, D] with position embeddings, prefix first."""
         x = self.vit.patch_embed(x)  # [B, h, w, D] (dynamic_img_size)
-        x = self.vit._pos_embed(x)
+        other_grid = tuple(x.shape[1:3]) != tuple(self.vit.patch_embed.grid_size)
+        if self.pos_embed_interpolation == "dino" and other_grid and self.vit.pos_embed is not None:
+            x = self._pos_embed_like_dino(x)
+        else:
+            x = self.vit._pos_embed(x)  # timm resamples antialiased for another grid
         x = self.vit.patch_drop(x)
         return self.vit.norm_pre(x)
+
+    def _pos_embed_like_dino(self, patches: Tensor) -> Tensor:
+        """timm's `_pos_embed` with official DINO's resampling: patches [B, h, w, D] → tokens
+        [B, P + h·w, D]. Resampled in every forward: the table is learned (cost: one
+        [D, 14, 14] bicubic per call)."""
+        vit = self.vit
+        assert vit.pos_embed is not None
+        batch, rows, columns, dim = patches.shape
+        prefix_rows = 0 if vit.no_embed_class else self.num_prefix_tokens
+        patch_table = resample_like_dino(
+            vit.pos_embed[:, prefix_rows:], tuple(vit.patch_embed.grid_size), (rows, columns)
+        )  # [1, h·w, D]
+        tokens = patches.reshape(batch, rows * columns, dim)
+        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if vit.no_embed_class:  # the table has no prefix rows
+            tokens = torch.cat([*prefix, tokens + patch_table], dim=1)
+        else:
+            table = torch.cat([vit.pos_embed[:, :prefix_rows], patch_table], dim=1)
+            tokens = torch.cat([*prefix, tokens], dim=1) + table
+        return vit.pos_drop(tokens)
 
     def forward(
         self,
@@ -178,6 +219,7 @@ def create_backbone(
     img_size: int,
     *,
     drop_path_rate: float = 0.0,
+    pos_embed_interpolation: str = "timm",
     **kwargs: Any,
 ) -> ViTBackbone:
     """Builds any timm ViT by name, never downloading weights.
@@ -185,6 +227,7 @@ def create_backbone(
     Args:
         name: timm model name, e.g. `vit_small_patch16_224`.
         img_size: size the position embedding is built for (other sizes are resampled).
+        pos_embed_interpolation: "dino" or "timm", see `ViTBackbone`.
         kwargs: overrides for timm (patch_size, embed_dim, depth, num_heads, ...).
 
     Raises:
@@ -207,7 +250,7 @@ def create_backbone(
         raise UserError(_build_problem(name, kwargs, err)) from None
     if not isinstance(vit, VisionTransformer):
         raise UserError(_not_a_vit(name, vit))
-    return ViTBackbone(vit)
+    return ViTBackbone(vit, pos_embed_interpolation)
 
 
 def _build_problem(name: str, kwargs: dict[str, Any], err: Exception) -> str:

@@ -1,0 +1,164 @@
+"""The recipe configs against the official runs they reproduce.
+
+Two checks per recipe: every `official → key: value` line of its header holds, in the YAML and
+in the loaded config; and, written here independently from the official sources, the values
+the official run used are the config's (`OFFICIAL`), with its global batch and peak lr.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ssl_kd.config import to_dict
+from ssl_kd.config.merge import flatten, free_dicts
+from ssl_kd.methods import registry
+from ssl_kd.run_config import load_config
+from tests.helpers import REPO
+
+# facebookresearch/dino, README "Vanilla DINO training": `--nproc_per_node=8 main_dino.py
+# --arch vit_small`, every other argument at main_dino.py's default (DINOHead and DINOLoss
+# defaults for the head's widths, the student temperature and the center momentum).
+DINO_VANILLA: dict[str, Any] = {
+    "model.name": "vit_small_patch16_224", "model.img_size": 224, "model.drop_path_rate": 0.1,
+    "model.pos_embed_interpolation": "dino",
+    "data.global_crop_size": 224, "data.local_crop_size": 96, "data.num_local_views": 8,
+    "data.global_crop_scale": [0.4, 1.0], "data.local_crop_scale": [0.05, 0.4],
+    "data.num_workers": 10,
+    "masking.keep_ratio": 1.0,
+    "dino.out_dim": 65536, "dino.hidden_dim": 2048, "dino.bottleneck_dim": 256,
+    "dino.norm_last_layer": True, "dino.batch_norm": False, "dino.student_temp": 0.1,
+    "dino.warmup_teacher_temp": 0.04, "dino.teacher_temp": 0.04,
+    "dino.warmup_teacher_temp_epochs": 0, "dino.center_momentum": 0.9,
+    "dino.momentum_teacher": 0.996, "dino.freeze_last_layer_epochs": 1, "dino.clip_grad": 3.0,
+    "dino.koleo_weight": 0.0,
+    "optim.name": "adamw", "optim.betas": [0.9, 0.999], "optim.lr": 5e-4, "optim.min_lr": 1e-6,
+    "optim.warmup_epochs": 10, "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4,
+    "train.epochs": 100, "train.seed": 0,
+}  # fmt: skip
+
+# MaskedKD (arXiv:2302.10494), Table 5 and its appendix: the vanilla run, the teacher fed the
+# top 66% of patches by the student's last-block [CLS] attention, 4 GPUs × 128 images.
+DINO_MASKEDKD = {**DINO_VANILLA, "masking.keep_ratio": 0.66, "masking.strategy": "attention_topk"}
+
+# UCSC-VLAA/DMAE pretrain.sh, every other argument at main_distill.py's default.
+DMAE_B_FROM_L: dict[str, Any] = {
+    "method": "dmae", "model.name": "vit_base_patch16_224", "model.img_size": 224,
+    "model.drop_path_rate": 0.0, "data.global_crop_size": 224, "data.num_workers": 10,
+    "masking.keep_ratio": 0.25, "masking.strategy": "random",
+    "dmae.norm_pix_loss": False, "dmae.decoder_dim": 512, "dmae.decoder_depth": 8,
+    "dmae.decoder_heads": 16, "dmae.teacher_name": "vit_large_patch16_224",
+    "dmae.aligned_blocks": [[8, 17]], "dmae.projection": "linear", "dmae.distill_weight": 1.0,
+    "dmae.teacher_keep_ratio": 1.0,
+    "optim.name": "adamw", "optim.betas": [0.9, 0.95], "optim.lr": 1.5e-4, "optim.min_lr": 0.0,
+    "optim.warmup_epochs": 20, "optim.weight_decay": 0.05, "optim.weight_decay_end": 0.05,
+    "train.epochs": 100, "train.seed": 0,
+}  # fmt: skip
+
+
+@dataclass
+class Recipe:
+    official: dict[str, Any]
+    processes: int  # what the header tells the user to run it on
+    global_batch: int  # the official run's
+    peak_lr: float  # the official run's: base lr × global batch / 256
+    teacher_file: str | None = None  # the name of the official run's teacher file
+
+
+RECIPES = {
+    "dino_vit_s16.yaml": Recipe(DINO_VANILLA, processes=8, global_batch=512, peak_lr=1e-3),
+    "dino_maskedkd_vit_s16.yaml": Recipe(
+        DINO_MASKEDKD, processes=4, global_batch=512, peak_lr=1e-3
+    ),
+    "dmae_vit_b16_from_l16.yaml": Recipe(
+        DMAE_B_FROM_L,
+        processes=64,
+        global_batch=4096,
+        peak_lr=2.4e-3,
+        teacher_file="mae_visualize_vit_large.pth",
+    ),
+}
+CLAIM = re.compile(r"→ ([a-z_]+(?:\.[a-z_]+)+): (.+?)(?: \(|$)", re.MULTILINE)
+# Keys the test points at local files (the recipes name placeholders): compared in the YAML only.
+LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint")
+
+
+def header(path: Path) -> str:
+    """The comment lines the file opens with."""
+    return "\n".join(
+        itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+    )
+
+
+def claims(text: str) -> dict[str, Any]:
+    """`key: value` after each `→` of the header, the value read as YAML."""
+    return {key: yaml.safe_load(value) for key, value in CLAIM.findall(text)}
+
+
+def loaded(path: Path, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the YAML file's keys, the loaded config's), flattened to dotted keys."""
+    free = free_dicts(registry.sections())
+    raw = flatten(yaml.safe_load(path.read_text()), free)
+    teacher = tmp_path / "teacher.pth"
+    teacher.touch()
+    overrides = [f"data.path={tmp_path}", f"dmae.teacher_checkpoint={teacher}"]
+    return raw, flatten(to_dict(load_config(path, overrides)), free)
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-12)
+    return bool(a == b)
+
+
+def test_every_config_that_claims_an_official_run_is_checked_here():
+    claiming = {
+        path.name
+        for path in (REPO / "configs").glob("*.yaml")
+        if header(path).startswith("# Reproduces: ")
+    }
+    assert claiming == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_header_names_the_run_and_every_claim_holds(name, tmp_path):
+    path = REPO / "configs" / name
+    text = header(path)
+    assert text.startswith("# Reproduces: ")
+    assert "Key by key" in text and "Deliberate differences" in text
+    assert f"{RECIPES[name].processes} processes" in text
+    found = claims(text)
+    assert len(found) >= 20, found  # the comparison is there, key by key
+    raw, config = loaded(path, tmp_path)
+    for key, value in found.items():
+        assert key in raw, f"{name}: the header claims {key}, which the YAML does not set"
+        assert same(raw[key], value), f"{name}: header {key}={value!r}, YAML {raw[key]!r}"
+        if key not in LOCAL_FILES:
+            assert same(config[key], value), (
+                f"{name}: header {key}={value!r}, loaded {config[key]!r}"
+            )
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_carries_the_official_values(name, tmp_path):
+    path, recipe = REPO / "configs" / name, RECIPES[name]
+    raw, config = loaded(path, tmp_path)
+    wrong = {
+        key: (config[key], value)
+        for key, value in recipe.official.items()
+        if not same(config[key], value)
+    }
+    assert not wrong, f"{name}: (ssl_kd, official) {wrong}"
+    global_batch = config["train.batch_size"] * recipe.processes
+    assert global_batch == recipe.global_batch
+    assert config["optim.lr"] * global_batch / 256 == pytest.approx(recipe.peak_lr)
+    if recipe.teacher_file:
+        assert Path(raw["dmae.teacher_checkpoint"]).name == recipe.teacher_file
