@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_kd.models.backbone import create_backbone
-from ssl_kd.models.pos_embed import resample_like_dino, sincos_2d_table
+from ssl_kd.pos_embed import resample_like_dino, sincos_2d_table
 from tests.helpers import mae_sincos_reference
 
 

@@ -83,8 +83,8 @@ class ModelConfig:
     pos_embed_interpolation: str | None = None
 
     def check(self) -> None:
-        # Imported here, as in MaskingConfig.check: the models import torch.
-        from ssl_kd.models.pos_embed import INTERPOLATIONS
+        # Imported here, as in MaskingConfig.check: pos_embed imports torch.
+        from ssl_kd.pos_embed import INTERPOLATIONS
 
         check_choice("model.pos_embed_interpolation", self.pos_embed_interpolation, INTERPOLATIONS)
         check_positive({"model.img_size": self.img_size})

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ssl_kd.errors import UserError
 from ssl_kd.masking import gather_patches
-from ssl_kd.models.pos_embed import INTERPOLATIONS, resample_like_dino
+from ssl_kd.pos_embed import INTERPOLATIONS, resample_like_dino
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_kd.models.backbone import ViTBackbone
-from ssl_kd.models.pos_embed import fix_sincos_pos_embed
+from ssl_kd.pos_embed import fix_sincos_pos_embed
 
 
 def init_like_mae(backbone: ViTBackbone) -> None:
