@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_submit)
 
     flops = commands.add_parser(
-        "flops", help="teacher cost of one image, full vs masked", description=FLOPS_HELP,
+        "flops",
+        help="teacher cost of one image, full vs masked",
+        description=FLOPS_HELP,
         formatter_class=HelpFormatter,
     )
     flops.add_argument("model", help="timm model name, e.g. vit_small_patch16_224")

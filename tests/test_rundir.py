@@ -4,7 +4,6 @@ first step on; the data may move but not change its order; --overwrite clears th
 import json
 
 import pytest
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_kd.cli import main

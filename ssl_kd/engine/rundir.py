@@ -3,9 +3,9 @@
 The same config resumes (keys that do not change what is trained, such as `train.max_steps`
 or `eval.*`, may differ; so may `data.path`, the data order being checked when the checkpoint
 loads), and so may the optimisation keys a divergence calls for, such as a lower `optim.lr`,
-and `train.epochs` (a finished run is extended): each such change is logged. A different config is refused with the differing keys named, unless
-`resume` (continue the saved run with its own config) or `overwrite` (delete the saved run and
-start this one).
+and `train.epochs` (a finished run is extended): each such change is logged. A different
+config is refused with the differing keys named, unless `resume` (continue the saved run with
+its own config) or `overwrite` (delete the saved run and start this one).
 The config is compared with the checkpoint's, or, before the first checkpoint, with the
 `config.yaml` of a run that began training (it created `metrics.jsonl`); a `config.yaml` alone
 is the leftover of a start that failed before training (a bad model, a missing folder) and is
