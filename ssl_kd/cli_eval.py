@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,8 +10,17 @@ from typing import Any
 
 import yaml
 
+from ssl_kd.cli_eval_data import (
+    check_data_options,
+    check_options,
+    eval_data_splits,
+    load_backbone_of,
+    open_data,
+    output_dir_of,
+    report_unreadable,
+    write_json,
+)
 from ssl_kd.errors import UserError
-from ssl_kd.files import write_text_atomic
 
 ON_ERROR = ("skip", "error")  # as ssl_kd.data.batches.ON_ERROR, without importing torch here
 
@@ -206,121 +213,14 @@ def add_eval_commands(commands: Any) -> None:
     attention.set_defaults(run=_attention)
 
 
-def check_options(
-    positive: dict[str, float | None], not_negative: dict[str, float | None] | None = None
-) -> None:
-    """Numeric options, checked before any work (None: not given, the default applies).
-
-    Raises:
-        UserError: naming the option and its value.
-    """
-    for option, value in positive.items():
-        if value is not None and not value > 0:  # NaN fails this too
-            raise UserError(f"{option} {value} must be > 0")
-    for option, value in (not_negative or {}).items():
-        if value is not None and not value >= 0:
-            raise UserError(f"{option} {value} must be >= 0")
-
-
-def _check_data_options(args: argparse.Namespace) -> None:
-    check_options(
-        {"--batch-size": args.batch_size, "--img-size": args.img_size},
-        {"--num-workers": args.num_workers, "--max-bad-fraction": args.max_bad_fraction},
-    )
-    if args.max_bad_fraction > 1:
-        raise UserError(f"--max-bad-fraction {args.max_bad_fraction} must be <= 1")
-
-
-def _device(name: str) -> Any:
-    from ssl_kd.devices import resolve_device
-
-    return resolve_device(name, option="--device")
-
-
-def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
-    from ssl_kd.evaluation.loading import load_backbone
-
-    part = "student" if args.student else None
-    backbone, report = load_backbone(
-        path, part=part, model=args.model, model_kwargs=args.model_kwargs, strict=args.strict
-    )
-    print(report)
-    return backbone.to(_device(args.device)), report
-
-
-def _open_data(args: argparse.Namespace) -> Any:
-    """The --data folders, scanned and checked before any checkpoint is read (None: digits, or
-    the run's data, known once the checkpoint is)."""
-    from ssl_kd.data.splits import open_eval_folders
-
-    if args.data is None or args.data == "digits":
-        return None
-    return open_eval_folders(args.data)
-
-
-def _splits(
-    args: argparse.Namespace, report: Any, patch_size: int, folders: Any, augment: bool = False
-) -> Any:
-    from ssl_kd.data.batches import UnreadableImages
-    from ssl_kd.data.splits import eval_splits
-
-    run = report.run_config or {}
-    data = folders or args.data
-    if data is None and run.get("data", {}).get("name") == "digits":
-        data = "digits"
-    if data is None:
-        raise UserError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
-    img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
-    if img_size % patch_size:
-        raise UserError(
-            f"--img-size {img_size} is not a multiple of the backbone's patch size {patch_size}"
-        )
-    seed = run.get("train", {}).get("seed", 0)
-    fraction = run.get("data", {}).get("test_fraction", 0.2)
-    unreadable = UnreadableImages(args.on_error, args.max_bad_fraction)
-    splits = eval_splits(
-        data, img_size, seed=seed, test_fraction=fraction, augment=augment, unreadable=unreadable
-    )
-    if args.num_workers is None:
-        args.num_workers = 0 if data == "digits" else min(8, os.cpu_count() or 1)
-    print(
-        f"data: {splits.description}, {len(splits.train_labels)} train / "
-        f"{len(splits.val_labels)} val images at {img_size} px"
-    )
-    return splits
-
-
-def _report_unreadable(splits: Any) -> dict[str, list[str]]:
-    """Prints how many images each split left out; returns split → the files."""
-    files = splits.unreadable.files
-    sizes = {"train": len(splits.train_labels), "val": len(splits.val_labels)}
-    for split, skipped in files.items():
-        if skipped:
-            print(
-                f"{split}: {sizes[split] - len(skipped)} of {sizes[split]} images used, "
-                f"{len(skipped)} unreadable skipped (--on-error skip; listed in the JSON)"
-            )
-    return {split: list(skipped) for split, skipped in files.items() if skipped}
-
-
-def _output_dir(args: argparse.Namespace, checkpoint: str) -> Path:
-    return Path(args.output_dir or Path(checkpoint).parent / "eval")
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
 def _knn(args: argparse.Namespace) -> int:
     from ssl_kd.evaluation.knn import evaluate_knn
 
-    _check_data_options(args)
+    check_data_options(args)
     check_options({"--ks": min(args.ks), "--temperature": args.temperature})
-    folders = _open_data(args)
-    backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report, backbone.patch_size, folders)
+    folders = open_data(args)
+    backbone, report = load_backbone_of(args, args.checkpoint)
+    splits = eval_data_splits(args, report, backbone.patch_size, folders)
     scores = evaluate_knn(
         backbone,
         splits,
@@ -330,7 +230,7 @@ def _knn(args: argparse.Namespace) -> int:
         next(backbone.parameters()).device,
         args.num_workers,
     )
-    unreadable = _report_unreadable(splits)
+    unreadable = report_unreadable(splits)
     for k, score in scores.items():
         print(f"k={k:<4} top-1 {score['top1']:6.2f}  top-5 {score['top5']:6.2f}")
     result = {
@@ -344,7 +244,7 @@ def _knn(args: argparse.Namespace) -> int:
         "unreadable_images": unreadable,
         "scores": {str(k): v for k, v in scores.items()},
     }
-    _write_json(_output_dir(args, args.checkpoint) / "knn_eval.json", result)
+    write_json(output_dir_of(args, args.checkpoint) / "knn_eval.json", result)
     return 0
 
 
@@ -353,7 +253,7 @@ def _linear(args: argparse.Namespace) -> int:
 
     from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 
-    _check_data_options(args)
+    check_data_options(args)
     check_options(
         {"--epochs": args.epochs, "--lr": args.lr, "--n-last-blocks": args.n_last_blocks},
         {"--weight-decay": args.weight_decay, "--warmup-epochs": args.warmup_epochs},
@@ -363,9 +263,9 @@ def _linear(args: argparse.Namespace) -> int:
             "--n-last-blocks and --avgpool are for --protocol dino: MAE's probe reads the "
             "[CLS] of the last block"
         )
-    folders = _open_data(args)
-    backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report, backbone.patch_size, folders, augment=args.augment)
+    folders = open_data(args)
+    backbone, report = load_backbone_of(args, args.checkpoint)
+    splits = eval_data_splits(args, report, backbone.patch_size, folders, augment=args.augment)
     cfg = LinearProbeConfig(
         protocol=args.protocol,
         epochs=args.epochs,
@@ -381,7 +281,7 @@ def _linear(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
     )
-    out = _output_dir(args, args.checkpoint) / f"linear_{args.protocol}"
+    out = output_dir_of(args, args.checkpoint) / f"linear_{args.protocol}"
     # A probe rerun into this folder replaces the earlier curves: its epochs restart at 1, and
     # TensorBoard would show both runs' events as one run (every epoch twice). Removing them up
     # front (not after) keeps the curves live while it trains, and a rerun stopped half-way
@@ -403,7 +303,7 @@ def _linear(args: argparse.Namespace) -> int:
     finally:
         writer.close()
     result.update(checkpoint=args.checkpoint, load=str(report))
-    _report_unreadable(splits)
+    report_unreadable(splits)
     sweep = result["lr_sweep"]
     if sweep:
         tried = ", ".join(
@@ -418,7 +318,7 @@ def _linear(args: argparse.Namespace) -> int:
     )
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    _write_json(out / "linear_eval.json", result)
+    write_json(out / "linear_eval.json", result)
     return 0
 
 
@@ -437,7 +337,7 @@ def _attention(args: argparse.Namespace) -> int:
     check_options({"--img-size": args.img_size})
     selector = None
     if args.checkpoint:
-        backbone, report = _load(args, args.checkpoint)
+        backbone, report = load_backbone_of(args, args.checkpoint)
         if report.part == "teacher":  # the student's attention picks the teacher's patches
             selector, _ = load_backbone(
                 args.checkpoint, part="student", model=args.model,
