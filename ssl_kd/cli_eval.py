@@ -62,7 +62,8 @@ on a small data set the same epochs are a few hundred steps and the head barely 
 --lr it is therefore swept, as DINOv2's linear evaluation does: one head per base lr of
 base x 0.01 ... 1000 (16 heads on the same features), trained on 90% of the train split and
 scored on the other 10% (never on the evaluation split); the probe is then trained on the whole
-train split with the best one, exactly as --lr BEST would. --lr fixes it (--lr 1e-3 for DINO's,
+train split with the best one, exactly as --lr BEST would (with --augment or --no-cache the
+sweep runs the backbone too: about twice the time). --lr fixes it (--lr 1e-3 for DINO's,
 --lr 0.1 for MAE's recipe as published). A top-1 at chance level, few steps with a fixed --lr,
 or a sweep whose best lr is its largest are warned about (stderr and the JSON's warnings).
 

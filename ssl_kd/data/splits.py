@@ -133,6 +133,7 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
     Raises:
         ConfigError: a k-NN folder is missing, has no class sub-folders, or holds images at
             its top level (they would have no label).
+        UserError: the two folders' classes differ (named).
     """
     size = data.global_crop_size
     if data.name == "digits":

@@ -12,6 +12,10 @@ best. So does this sweep, with two differences, both for small data sets and hon
 - the lr is chosen on a held-out tenth of the train split, never on the evaluation split; the
   probe is then trained on the whole train split with that lr, so the reported run is exactly
   `--lr CHOSEN` (DINOv2 picks on the evaluation split itself, which is optimistic).
+
+On cached features the sweep costs little (16 small heads, one batched matmul); with random
+augmentation the sweep's batches go through the backbone too (about twice a probe's time), and
+its held-out images are augmented like the train images.
 """
 
 from __future__ import annotations
