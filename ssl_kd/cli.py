@@ -48,6 +48,14 @@ FLOPS_HELP = """\
 Teacher cost of one image, measured with torch.utils.flop_counter on the real forward:
 full vs keeping a fraction of the patches (and optionally stopping after block J).
 GMACs are multiply-adds, what the MaskedKD and DMAE papers call FLOPs.
+
+With --stop-after-block J there are two baselines, named apart:
+  ratio_vs_whole_teacher   masked blocks 0..J / every block on all tokens (gmacs_whole_teacher,
+                           what the official DMAE runs, decoder aside): the saving
+  ratio_vs_truncated_full  masked blocks 0..J / blocks 0..J on all tokens
+                           (gmacs_truncated_full): the masking's share of it
+
+  ssl-kd flops vit_large_patch16_224 --keep-ratio 0.25 --stop-after-block 17
 """
 
 
@@ -174,8 +182,9 @@ def _flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        width = max(map(len, report))
         for key, value in report.items():
-            print(f"{key:>12}: {value}")
+            print(f"{key:>{width}}: {value}")
     return 0
 
 
@@ -273,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_submit)
 
     flops = commands.add_parser(
-        "flops", help="teacher cost of one image, full vs masked", description=FLOPS_HELP
+        "flops",
+        help="teacher cost of one image, full vs masked",
+        description=FLOPS_HELP,
+        formatter_class=HelpFormatter,
     )
     flops.add_argument("model", help="timm model name, e.g. vit_small_patch16_224")
     flops.add_argument("--keep-ratio", type=float, default=1.0)

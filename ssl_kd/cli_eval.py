@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ssl_kd.cli_eval_data import (
+    check_data_options,
+    check_options,
+    eval_data_splits,
+    load_backbone_of,
+    open_data,
+    output_dir_of,
+    report_unreadable,
+    write_json,
+)
 from ssl_kd.errors import UserError
-from ssl_kd.files import write_text_atomic
+
+ON_ERROR = ("skip", "error")  # as ssl_kd.data.batches.ON_ERROR, without importing torch here
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -29,7 +39,11 @@ from the export folder's config.json, the run's saved config or the official arg
 --model otherwise.
 
 DATA: 'digits' (the run's held-out split, same seed) or a folder with train/ and val/
-ImageFolders. Default: what the run was trained on (digits) — required otherwise.
+ImageFolders (checked before the checkpoint is read). Default: what the run was trained on
+(digits) — required otherwise. An unreadable image (truncated, not an image) is left out of its
+split with its label, named on stderr and listed in the JSON, and the scores are over the
+readable images (--on-error error stops at it instead, exit 1; more than --max-bad-fraction of
+a split unreadable stops too).
 
   ssl-kd eval knn runs/demo/checkpoint.pth
   ssl-kd eval knn runs/demo/export                   # an export folder: no --model needed
@@ -42,16 +56,26 @@ per-epoch val top-1/top-5 to OUTPUT/linear_<protocol>/tb (TensorBoard).
 
 --protocol dino: concatenated [CLS] of the last n blocks (--n-last-blocks, 4 for ViT-S;
   --avgpool adds the average patch token, the ViT-B setting) -> Linear; SGD momentum 0.9,
-  lr = 1e-3 x batch / 256, cosine to 0, weight decay 0, 100 epochs.
---protocol mae: [CLS] -> BatchNorm1d(affine=False, eps=1e-6) -> Linear; LARS, lr = 0.1 x batch /
-  256, 10 warm-up epochs then cosine, weight decay 0 (MAE uses 90 epochs, batch 16384).
+  base lr 1e-3 (x batch / 256), cosine to 0, weight decay 0, 100 epochs.
+--protocol mae: [CLS] of the last block -> BatchNorm1d(affine=False, eps=1e-6) -> Linear; LARS,
+  base lr 0.1, 10 warm-up epochs then cosine, weight decay 0 (MAE: 90 epochs, batch 16384).
+
+The lr: those base lrs are tuned for 100 ImageNet epochs (~125k steps for DINO, ~7k for MAE);
+on a small data set the same epochs are a few hundred steps and the head barely moves. Without
+--lr it is therefore swept, as DINOv2's linear evaluation does: one head per base lr of
+base x 0.01 ... 1000 (16 heads on the same features), trained on 90% of the train split and
+scored on the other 10% (never on the evaluation split); the probe is then trained on the whole
+train split with the best one, exactly as --lr BEST would (with --augment or --no-cache the
+sweep runs the backbone too: about twice the time). --lr fixes it (--lr 1e-3 for DINO's,
+--lr 0.1 for MAE's recipe as published). A top-1 at chance level, few steps with a fixed --lr,
+or a sweep whose best lr is its largest are warned about (stderr and the JSON's warnings).
 
 Without --augment the features are extracted once and the head trains on the cache (the
 result is that of running the backbone every step; --no-cache does that, to check or time it).
 The reported accuracy is that of the last epoch unless --report best (best val epoch, chosen
 on the evaluation split itself, hence optimistic); the JSON says which epoch and why.
 
-  ssl-kd eval linear runs/demo/checkpoint.pth --epochs 50
+  ssl-kd eval linear runs/demo/checkpoint.pth
   ssl-kd eval linear runs/demo/checkpoint.pth --protocol mae --epochs 50
 """
 
@@ -127,6 +151,20 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
         "--num-workers", type=int, default=None, help="default: 0 for digits, else 8"
     )
     parser.add_argument("--output-dir", help="default: CHECKPOINT's folder/eval")
+    parser.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="skip",
+        help="an unreadable image: skip it (its label too), named and counted (default), or "
+        "stop naming it (exit 1)",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.1,
+        help="with --on-error skip, stop once more than this fraction of a split is unreadable "
+        "(the wrong folder, a copy cut short); default 0.1",
+    )
 
 
 def add_eval_commands(commands: Any) -> None:
@@ -151,11 +189,15 @@ def add_eval_commands(commands: Any) -> None:
     _data_args(linear)
     linear.add_argument("--protocol", choices=("dino", "mae"), default="dino")
     linear.add_argument("--epochs", type=int, default=100)
-    linear.add_argument("--lr", type=float, default=None, help="base lr per 256 images")
+    linear.add_argument(
+        "--lr", type=float, default=None, help="base lr per 256 images (default: swept)"
+    )
     linear.add_argument("--weight-decay", type=float, default=0.0)
     linear.add_argument("--warmup-epochs", type=int, default=None)
-    linear.add_argument("--n-last-blocks", type=int, default=4)
-    linear.add_argument("--avgpool", action="store_true")
+    linear.add_argument(
+        "--n-last-blocks", type=int, default=None, help="dino protocol only (default 4)"
+    )
+    linear.add_argument("--avgpool", action="store_true", help="dino protocol only")
     linear.add_argument("--augment", action="store_true", help="random resized crops (+ flips)")
     linear.add_argument("--no-cache", action="store_true", help="run the backbone every step")
     linear.add_argument("--report", choices=("last", "best"), default="last")
@@ -182,87 +224,14 @@ def add_eval_commands(commands: Any) -> None:
     attention.set_defaults(run=_attention)
 
 
-def check_options(
-    positive: dict[str, float | None], not_negative: dict[str, float | None] | None = None
-) -> None:
-    """Numeric options, checked before any work (None: not given, the default applies).
-
-    Raises:
-        UserError: naming the option and its value.
-    """
-    for option, value in positive.items():
-        if value is not None and not value > 0:  # NaN fails this too
-            raise UserError(f"{option} {value} must be > 0")
-    for option, value in (not_negative or {}).items():
-        if value is not None and not value >= 0:
-            raise UserError(f"{option} {value} must be >= 0")
-
-
-def _check_data_options(args: argparse.Namespace) -> None:
-    check_options(
-        {"--batch-size": args.batch_size, "--img-size": args.img_size},
-        {"--num-workers": args.num_workers},
-    )
-
-
-def _device(name: str) -> Any:
-    from ssl_kd.devices import resolve_device
-
-    return resolve_device(name, option="--device")
-
-
-def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
-    from ssl_kd.evaluation.loading import load_backbone
-
-    part = "student" if args.student else None
-    backbone, report = load_backbone(
-        path, part=part, model=args.model, model_kwargs=args.model_kwargs, strict=args.strict
-    )
-    print(report)
-    return backbone.to(_device(args.device)), report
-
-
-def _splits(args: argparse.Namespace, report: Any, patch_size: int, augment: bool = False) -> Any:
-    from ssl_kd.data.splits import eval_splits
-
-    run = report.run_config or {}
-    data = args.data or ("digits" if run.get("data", {}).get("name") == "digits" else None)
-    if data is None:
-        raise UserError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
-    img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
-    if img_size % patch_size:
-        raise UserError(
-            f"--img-size {img_size} is not a multiple of the backbone's patch size {patch_size}"
-        )
-    seed = run.get("train", {}).get("seed", 0)
-    fraction = run.get("data", {}).get("test_fraction", 0.2)
-    splits = eval_splits(data, img_size, seed=seed, test_fraction=fraction, augment=augment)
-    if args.num_workers is None:
-        args.num_workers = 0 if data == "digits" else min(8, os.cpu_count() or 1)
-    print(
-        f"data: {splits.description}, {len(splits.train_labels)} train / "
-        f"{len(splits.val_labels)} val images at {img_size} px"
-    )
-    return splits
-
-
-def _output_dir(args: argparse.Namespace, checkpoint: str) -> Path:
-    return Path(args.output_dir or Path(checkpoint).parent / "eval")
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
 def _knn(args: argparse.Namespace) -> int:
     from ssl_kd.evaluation.knn import evaluate_knn
 
-    _check_data_options(args)
+    check_data_options(args)
     check_options({"--ks": min(args.ks), "--temperature": args.temperature})
-    backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report, backbone.patch_size)
+    folders = open_data(args)
+    backbone, report = load_backbone_of(args, args.checkpoint)
+    splits = eval_data_splits(args, report, backbone.patch_size, folders)
     scores = evaluate_knn(
         backbone,
         splits,
@@ -272,6 +241,7 @@ def _knn(args: argparse.Namespace) -> int:
         next(backbone.parameters()).device,
         args.num_workers,
     )
+    unreadable = report_unreadable(splits)
     for k, score in scores.items():
         print(f"k={k:<4} top-1 {score['top1']:6.2f}  top-5 {score['top5']:6.2f}")
     result = {
@@ -280,9 +250,12 @@ def _knn(args: argparse.Namespace) -> int:
         "checkpoint": args.checkpoint,
         "load": str(report),
         "data": splits.description,
+        "train_size": len(splits.train_labels) - len(unreadable.get("train", [])),
+        "val_size": len(splits.val_labels) - len(unreadable.get("val", [])),
+        "unreadable_images": unreadable,
         "scores": {str(k): v for k, v in scores.items()},
     }
-    _write_json(_output_dir(args, args.checkpoint) / "knn_eval.json", result)
+    write_json(output_dir_of(args, args.checkpoint) / "knn_eval.json", result)
     return 0
 
 
@@ -291,13 +264,19 @@ def _linear(args: argparse.Namespace) -> int:
 
     from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 
-    _check_data_options(args)
+    check_data_options(args)
     check_options(
         {"--epochs": args.epochs, "--lr": args.lr, "--n-last-blocks": args.n_last_blocks},
         {"--weight-decay": args.weight_decay, "--warmup-epochs": args.warmup_epochs},
     )
-    backbone, report = _load(args, args.checkpoint)
-    splits = _splits(args, report, backbone.patch_size, augment=args.augment)
+    if args.protocol == "mae" and (args.n_last_blocks is not None or args.avgpool):
+        raise UserError(
+            "--n-last-blocks and --avgpool are for --protocol dino: MAE's probe reads the "
+            "[CLS] of the last block"
+        )
+    folders = open_data(args)
+    backbone, report = load_backbone_of(args, args.checkpoint)
+    splits = eval_data_splits(args, report, backbone.patch_size, folders, augment=args.augment)
     cfg = LinearProbeConfig(
         protocol=args.protocol,
         epochs=args.epochs,
@@ -305,7 +284,7 @@ def _linear(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
-        n_last_blocks=args.n_last_blocks,
+        n_last_blocks=4 if args.n_last_blocks is None else args.n_last_blocks,
         avgpool=args.avgpool,
         augment=args.augment,
         cache=not args.no_cache,
@@ -313,7 +292,7 @@ def _linear(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
     )
-    out = _output_dir(args, args.checkpoint) / f"linear_{args.protocol}"
+    out = output_dir_of(args, args.checkpoint) / f"linear_{args.protocol}"
     # A probe rerun into this folder replaces the earlier curves: its epochs restart at 1, and
     # TensorBoard would show both runs' events as one run (every epoch twice). Removing them up
     # front (not after) keeps the curves live while it trains, and a rerun stopped half-way
@@ -335,11 +314,22 @@ def _linear(args: argparse.Namespace) -> int:
     finally:
         writer.close()
     result.update(checkpoint=args.checkpoint, load=str(report))
+    report_unreadable(splits)
+    sweep = result["lr_sweep"]
+    if sweep:
+        tried = ", ".join(
+            f"{lr:g}: {top1:.1f}"
+            for lr, top1 in zip(sweep["base_lrs"], sweep["holdout_top1"], strict=True)
+        )
+        print(f"lr sweep, held-out top-1 by base lr ({tried}) → {sweep['chosen_base_lr']:g}")
     print(
-        f"linear probe ({result['protocol']} protocol): top-1 {result['top1']:.2f} top-5 "
-        f"{result['top5']:.2f} at epoch {result['reported_epoch']} ({result['epoch_choice']})"
+        f"linear probe ({result['protocol']} protocol, base lr {result['config']['lr']:g}): "
+        f"top-1 {result['top1']:.2f} top-5 {result['top5']:.2f} at epoch "
+        f"{result['reported_epoch']} ({result['epoch_choice']})"
     )
-    _write_json(out / "linear_eval.json", result)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    write_json(out / "linear_eval.json", result)
     return 0
 
 
@@ -358,7 +348,7 @@ def _attention(args: argparse.Namespace) -> int:
     check_options({"--img-size": args.img_size})
     selector = None
     if args.checkpoint:
-        backbone, report = _load(args, args.checkpoint)
+        backbone, report = load_backbone_of(args, args.checkpoint)
         if report.part == "teacher":  # the student's attention picks the teacher's patches
             selector, _ = load_backbone(
                 args.checkpoint, part="student", model=args.model,

@@ -72,11 +72,21 @@ def cost_report(
 ) -> dict[str, Any]:
     """Full vs masked cost of one image, as `ssl-kd flops` prints it.
 
+    The model is built on the meta device: the counter needs shapes, not values (a ViT-L costs
+    no memory and under a second).
+
+    Without `stop_after_block`: `gmacs_full` (all tokens), `gmacs_masked` (kept tokens) and
+    their `ratio`. With it there are two baselines, named apart: `gmacs_whole_teacher` (every
+    block, all tokens: what the official DMAE runs, decoder aside) and `gmacs_truncated_full`
+    (blocks 0..J, all tokens), and `ratio_vs_whole_teacher` / `ratio_vs_truncated_full` of the
+    masked, truncated forward to each.
+
     Raises:
         UserError: not a timm ViT, an image size that is not a multiple of its patch size, a
             keep ratio outside (0, 1] or a block it does not have (named as the options).
     """
-    backbone = create_backbone(model, img_size, **model_kwargs)
+    with torch.device("meta"):
+        backbone = create_backbone(model, img_size, **model_kwargs)
     patch = backbone.patch_size
     if img_size < patch or img_size % patch:
         raise UserError(
@@ -93,17 +103,27 @@ def cost_report(
         keep = num_kept(h * w, keep_ratio)
     except ValueError as err:
         raise UserError(f"--keep-ratio: {err}") from None
-    full = forward_macs(backbone, img_size, None, stop_after_block=stop_after_block)
+    whole = forward_macs(backbone, img_size)
     masked = forward_macs(backbone, img_size, keep, stop_after_block=stop_after_block)
     prefix = backbone.num_prefix_tokens
-    return {
+    report = {
         "model": model,
         "img_size": img_size,
         "keep_ratio": keep_ratio,
-        "blocks_run": (backbone.num_blocks if stop_after_block is None else stop_after_block + 1),
+        "blocks": backbone.num_blocks,
+        "blocks_run": backbone.num_blocks if stop_after_block is None else stop_after_block + 1,
         "tokens_full": h * w + prefix,
         "tokens_kept": keep + prefix,
-        "gmacs_full": full / 1e9,
+    }
+    if stop_after_block is None:
+        return {**report, "gmacs_full": whole / 1e9, "gmacs_masked": masked / 1e9,
+                "ratio": masked / whole}  # fmt: skip
+    truncated = forward_macs(backbone, img_size, stop_after_block=stop_after_block)
+    return {
+        **report,
+        "gmacs_whole_teacher": whole / 1e9,
+        "gmacs_truncated_full": truncated / 1e9,
         "gmacs_masked": masked / 1e9,
-        "ratio": masked / full,
+        "ratio_vs_whole_teacher": masked / whole,
+        "ratio_vs_truncated_full": masked / truncated,
     }

@@ -140,6 +140,15 @@ COMMAND_CASES = {
     "linear lr": (["eval", "linear", "ckpt.pth", "--lr", "-1"], "--lr -1.0 must be > 0"),
     "knn k": (["eval", "knn", "ckpt.pth", "--ks", "10", "0"], "--ks 0 must be > 0"),
     "knn batch": (["eval", "knn", "ckpt.pth", "--batch-size", "0"], "--batch-size 0 must be"),
+    "knn bad fraction": (
+        ["eval", "knn", "ckpt.pth", "--max-bad-fraction", "1.5"],
+        "--max-bad-fraction 1.5 must be <= 1",
+    ),
+    "linear mae blocks": (
+        ["eval", "linear", "ckpt.pth", "--protocol", "mae", "--n-last-blocks", "4"],
+        "--n-last-blocks and --avgpool are for --protocol dino: MAE's probe reads the [CLS] of "
+        "the last block",
+    ),
     "attention size": (
         ["eval", "attention", "--model", "vit_tiny_patch16_224", "x.png", "--img-size", "0"],
         "--img-size 0 must be > 0",

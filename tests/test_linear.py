@@ -10,7 +10,8 @@ from ssl_kd.data.splits import eval_splits
 from ssl_kd.engine.trainer import train
 from ssl_kd.evaluation.features import FeatureSpec, backbone_features
 from ssl_kd.evaluation.lars import LARS
-from ssl_kd.evaluation.linear import LinearProbeConfig, linear_head, linear_probe, train_head
+from ssl_kd.evaluation.linear import linear_probe, probe_warnings
+from ssl_kd.evaluation.linear_head import LinearProbeConfig, linear_head, train_head
 from tests.helpers import tiny_backbone, tiny_config
 
 
@@ -152,3 +153,89 @@ def test_cli_writes_linear_eval_json_and_per_epoch_tensorboard(run_checkpoint, t
     assert [e.value for e in top1] == pytest.approx([e["top1"] for e in result["per_epoch"]])
     assert "linear/val_top5" in events.Tags()["scalars"]
     assert "at epoch" in capsys.readouterr().out
+
+
+# Measured with the defaults on `run_checkpoint` (1 DINO step, 2 blocks of width 64): before the
+# lr sweep the recipes' lrs (1e-3 / LARS 0.1, tuned for ~125k / ~7k ImageNet steps, here 600
+# steps) reached 25.3 (dino) and 25.0 (mae) top-1; swept: 46.1 (dino, base lr 0.5) and 75.6
+# (mae, base lr 100). Chance (the most frequent of 10 classes) is 10.3.
+@pytest.mark.parametrize(("protocol", "at_least", "blocks", "warmup"),
+                         [("dino", 38.0, 2, 0), ("mae", 60.0, 1, 10)])  # fmt: skip
+def test_defaults_learn_on_small_data_and_the_json_says_what_was_used(
+    run_checkpoint, tmp_path, capsys, protocol, at_least, blocks, warmup
+):
+    # One thread: the probe's ops are tiny, and on a busy 2-core machine two threads mostly wait
+    # for each other (5 s vs 30 s measured for the mae probe).
+    torch.set_num_threads(1)
+    out = tmp_path / "eval"
+    argv = ["eval", "linear", str(run_checkpoint), "--protocol", protocol, "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / f"linear_{protocol}" / "linear_eval.json").read_text())
+    assert result["top1"] >= at_least
+    sweep, used = result["lr_sweep"], result["config"]
+    assert len(sweep["base_lrs"]) == 16 and sweep["holdout_size"] == 144  # 10% of 1437
+    assert sweep["fit_size"] == 1437 - 144
+    assert used["lr"] == sweep["chosen_base_lr"]
+    assert (used["epochs"], used["batch_size"], result["steps"]) == (100, 256, 600)
+    # what the features are made of: 2 blocks for dino (its 4 capped at the depth), 1 for mae
+    assert (used["n_last_blocks"], used["avgpool"], used["warmup_epochs"]) == (
+        blocks,
+        False,
+        warmup,
+    )
+    assert f"[CLS] of the last {blocks} block(s)" in result["protocol_details"]
+    assert f"base {used['lr']:g} x batch / 256" in result["protocol_details"]
+    assert result["feature_dim"] == 64 * blocks
+    assert "held-out 10% of the train split" in result["lr_choice"]
+    printed = capsys.readouterr()
+    assert f"base lr {used['lr']:g}): top-1 {result['top1']:.2f}" in printed.out
+    assert all(f"warning: {text}" in printed.err for text in result["warnings"])
+
+
+def test_the_swept_probe_is_the_probe_at_the_chosen_lr(small_digits):
+    swept, _ = linear_probe(
+        tiny_backbone(), small_digits, LinearProbeConfig(epochs=3, batch_size=64), progress=False
+    )
+    chosen = swept["config"]["lr"]
+    assert swept["lr_sweep"]["chosen_base_lr"] == chosen
+    given, _ = linear_probe(
+        tiny_backbone(), small_digits, LinearProbeConfig(epochs=3, batch_size=64, lr=chosen),
+        progress=False,
+    )  # fmt: skip
+    assert given["per_epoch"] == swept["per_epoch"] and given["lr_sweep"] is None
+    assert given["lr_choice"] == "given (--lr)"
+    # 3 epochs of 6 batches with a given lr: under the 1000 steps the recipes' lrs assume
+    assert any(
+        text.startswith("only 18 steps (3 epochs of 6 batches") for text in given["warnings"]
+    )
+
+
+def test_chance_level_is_warned_about(tmp_path, capsys):
+    """A backbone whose features are all equal (zero weights) cannot beat always answering one
+    class; the warning says so, next to a result that otherwise looks like any other."""
+    weights = tmp_path / "zero.pth"
+    torch.save(
+        {k: torch.zeros_like(v) for k, v in tiny_backbone().vit.state_dict().items()}, weights
+    )
+    out = tmp_path / "eval"
+    argv = ["eval", "linear", str(weights), "--model", "vit_tiny_patch16_224", "--model-kwargs",
+            "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}", "--data", "digits",
+            "--epochs", "2", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "linear_dino" / "linear_eval.json").read_text())
+    assert result["top1"] <= 10.3 + 1e-6  # 37 of 360 val images: the most frequent class
+    err = capsys.readouterr().err
+    assert "is at chance level (10.28: always answering the most frequent of the 10" in err
+    assert any("chance level" in text for text in result["warnings"])
+
+
+def test_probe_warnings_compare_with_the_most_frequent_class():
+    labels = torch.tensor([0] * 60 + [1] * 20 + [2] * 20)  # chance: 60%, 2 SE = 9.8 points
+    base = {"steps": 5000, "config": {"epochs": 100, "batch_size": 256}}
+    assert any("chance level" in w for w in probe_warnings({**base, "top1": 69.0}, labels, None))
+    assert probe_warnings({**base, "top1": 70.0}, labels, None) == []
+    few = probe_warnings({**base, "top1": 90.0, "steps": 600}, labels, None)
+    assert len(few) == 1 and few[0].startswith("only 600 steps (100 epochs of 6 batches of 256)")
+    sweep = {"chosen_base_lr": 1.0, "base_lrs": [0.5, 1.0]}
+    edge = probe_warnings({**base, "top1": 90.0, "steps": 600}, labels, sweep)
+    assert len(edge) == 1 and "the best lr of the sweep is its largest (1," in edge[0]

@@ -3,6 +3,7 @@ first step on; the data may move but not change its order; --overwrite clears th
 
 import json
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_kd.cli import main
@@ -162,3 +163,66 @@ def test_data_may_move_but_its_order_may_not_change(tmp_path, capsys):
         f"run was saved with 12 images and 3 batches (data.path={moved})"
     ) in err
     assert "resumed data order differs" in err and err.count("\n") == 1
+
+
+def test_a_finished_run_is_extended_by_a_larger_train_epochs(tmp_path, capsys):
+    """DINO's users extend a finished run: train.epochs 2 → 3 in the same output dir trains
+    steps 5..6 only, from the saved step, and every schedule from there on is the 3-epoch run's
+    (recomputed for the new length, as official DINO does when restarted with a larger --epochs).
+    The same config again trains nothing; fewer epochs than trained are refused."""
+    write_digit_folder(tmp_path / "data")  # 12 images, batch 6: 2 steps per epoch
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+
+    def command(run, epochs, *extra):
+        overrides = tiny_overrides(
+            run, **{"data.name": "imagefolder", "data.path": tmp_path / "data",
+                    "data.transform": "lightly", "data.num_workers": 0, "train.batch_size": 6,
+                    "train.epochs": epochs, "train.max_steps": "null", "train.log_every_steps": 1},
+        )  # fmt: skip
+        return ["train", str(config), *overrides, *extra]
+
+    def logged(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+    run = tmp_path / "run"
+    assert main(command(run, 2)) == 0
+    first = logged(run)
+    assert [line["step"] for line in first] == [1, 2, 3, 4]
+    assert main(command(run, 2)) == 0  # finished, same config: no step trained, nothing lost
+    assert logged(run) == first and load_checkpoint(run / "checkpoint.pth")["step"] == 4
+
+    capsys.readouterr()
+    assert main(command(run, 3)) == 0
+    out = capsys.readouterr().out
+    assert "train.epochs changed 2 → 3 on resume (from checkpoint.pth at step 4)" in out
+    assert "recomputed for 3 epochs; training continues at step 4" in out
+    assert f"resumed from {run / 'checkpoint.pth'} at step 4" in out
+    extended = logged(run)
+    assert [line["step"] for line in extended] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert extended[:4] == first
+    state = load_checkpoint(run / "checkpoint.pth")
+    assert (state["step"], state["epoch"], state["config"]["train"]["epochs"]) == (6, 3, 3)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+    straight = tmp_path / "straight"
+    assert main(command(straight, 3)) == 0
+    schedules = ("train/lr", "train/weight_decay", "method/momentum", "method/teacher_temp")
+    reference = logged(straight)
+    assert [line["train/lr"] for line in first] != [line["train/lr"] for line in reference[:4]]
+    for ours, theirs in zip(extended[4:], reference[4:], strict=True):
+        assert {k: ours[k] for k in schedules} == pytest.approx(
+            {k: theirs[k] for k in schedules}, rel=1e-6
+        )
+
+    # --resume used to keep the saved epochs and train 0 steps: the new length wins there too
+    assert main(command(run, 4, "masking.keep_ratio=0.75", "--resume")) == 0
+    state = load_checkpoint(run / "checkpoint.pth")
+    assert state["step"] == 8 and state["config"]["masking"]["keep_ratio"] == 0.5
+
+    capsys.readouterr()
+    assert main(command(run, 3)) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs=3 ends at step 6, but the run in" in err and "has trained 8 steps" in err
+    assert "train.epochs >= 4" in err and err.count("\n") == 1
+    assert load_checkpoint(run / "checkpoint.pth")["step"] == 8

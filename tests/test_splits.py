@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ssl_kd.data import digits, eval_splits, image_batches, knn_splits, normalize_images
+from ssl_kd.data import (
+    DataError,
+    digits,
+    eval_splits,
+    image_batches,
+    knn_splits,
+    normalize_images,
+)
 from ssl_kd.engine.trainer import Trainer
 from ssl_kd.errors import ConfigError
 from ssl_kd.evaluation.knn import extract_features, knn_classify
@@ -96,3 +103,17 @@ def test_a_flat_knn_folder_is_a_config_error_naming_the_key(tmp_path, key):
     setattr(cfg.eval, key, str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=rf"eval.{key}=.*missing is not a folder"):
         knn_splits(cfg.data, cfg.eval, cfg.train.seed)
+
+
+def test_trainer_knn_skips_an_unreadable_image_as_data_on_error_says(tmp_path, capsys):
+    write_digit_folder(tmp_path / "train", per_class=4)
+    write_digit_folder(tmp_path / "val", per_class=4)
+    bad = tmp_path / "val" / "class_1" / "cut.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")  # 1 of 13: under data.max_bad_fraction=0.1
+    cfg = folder_config(tmp_path, tmp_path / "train", tmp_path / "val")
+    trainer = Trainer(cfg)
+    assert trainer.knn() is not None
+    assert f"data.on_error=skip): cannot read image {bad}" in capsys.readouterr().err
+    cfg.data.on_error = "error"
+    with pytest.raises(DataError, match=f"{bad}.*val split; data.on_error=skip leaves it out"):
+        trainer.knn()

@@ -18,6 +18,7 @@ import torch
 
 from ssl_kd.data.splits import eval_splits
 from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
+from ssl_kd.evaluation.linear_head import BASE_LR
 from ssl_kd.evaluation.loading import load_backbone
 
 
@@ -40,9 +41,11 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, {splits.description}")
     results = {}
     for cache in (True, False):
+        # The recipe's lr, not the default sweep: this times one probe, cached or not.
         cfg = LinearProbeConfig(
-            args.protocol, epochs=args.epochs, batch_size=args.batch_size, cache=cache
-        )
+            args.protocol, epochs=args.epochs, batch_size=args.batch_size,
+            lr=BASE_LR[args.protocol], cache=cache,
+        )  # fmt: skip
         start = time.perf_counter()
         result, _ = linear_probe(backbone, splits, cfg, progress=False)
         seconds = time.perf_counter() - start

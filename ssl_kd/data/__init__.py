@@ -4,9 +4,11 @@
 - `datasets`: ImageFolder or flat folders, the bundled digits, in-memory labelled tensors;
 - `transforms`: DINO multi-crop (lightly per image, or batched on tensors), the eval transform;
 - `streams`: resumable training streams of views, seeded by (seed, epoch, batch) only;
-- `splits`: labelled train/val splits for k-NN and linear evaluation.
+- `splits`: labelled train/val splits for k-NN and linear evaluation;
+- `batches`: evaluation passes over a split, unreadable images left out or stopping the pass.
 """
 
+from ssl_kd.data.batches import ImageBatches, UnreadableImages, image_batches
 from ssl_kd.data.datasets import (
     DIGITS_IMAGES,
     IMAGE_EXTENSIONS,
@@ -21,7 +23,13 @@ from ssl_kd.data.datasets import (
     is_image_folder,
 )
 from ssl_kd.data.images import ALPHA_BACKGROUND, DataError, load_image
-from ssl_kd.data.splits import EvalSplits, ImageBatches, eval_splits, image_batches, knn_splits
+from ssl_kd.data.splits import (
+    EvalSplits,
+    LabelledFolders,
+    eval_splits,
+    knn_splits,
+    open_eval_folders,
+)
 from ssl_kd.data.streams import (
     EpochPermutation,
     LoaderStream,
@@ -56,12 +64,14 @@ __all__ = [
     "EvalSplits",
     "FlatImageFolder",
     "ImageBatches",
+    "LabelledFolders",
     "LabelledImageFolder",
     "LoaderStream",
     "MultiCropSpec",
     "SeededSamples",
     "TensorImages",
     "TensorMultiCropStream",
+    "UnreadableImages",
     "Views",
     "batches_per_epoch",
     "build_train_stream",
@@ -80,5 +90,6 @@ __all__ = [
     "lightly_single_crop",
     "load_image",
     "normalize_images",
+    "open_eval_folders",
     "to_unit_range",
 ]

@@ -34,7 +34,8 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class DataError(RunFailed, ValueError):
-    """An unreadable training image; the message names the file, `path` holds it.
+    """An unreadable image (training or evaluation); the message names the file, `path` holds
+    it.
 
     A `RunFailed`: exit status 1, the run failed, not its command line. Also a ValueError, as
     before, because `ssl-kd`'s error handler catches ValueError (and not yet UserError).

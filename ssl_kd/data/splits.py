@@ -4,20 +4,24 @@
 `train/` and `val/` (one sub-folder per class in each, the layout of ImageNet's usual copy);
 `knn_splits` takes a run's config, with the two folders named by eval.knn_train_path and
 eval.knn_val_path. The digits split is the one the training run held out (same seed).
+`open_eval_folders` scans and checks a root's folders on their own, so that `ssl-kd eval` can
+refuse bad data before it loads a checkpoint. Unreadable images are left out of a split as
+`EvalSplits.unreadable` says (data/batches.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ssl_kd.data.batches import ImageBatches, UnreadableImages
 from ssl_kd.data.datasets import (
     LabelledImageFolder,
     TensorImages,
@@ -26,7 +30,7 @@ from ssl_kd.data.datasets import (
     is_image_folder,
 )
 from ssl_kd.data.transforms import eval_transform
-from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.errors import ConfigError, UserError, key_list
 
 if TYPE_CHECKING:  # the config imports this package's dataset facts: no import cycle at run time
     from ssl_kd.config import DataConfig, EvalConfig
@@ -34,7 +38,8 @@ if TYPE_CHECKING:  # the config imports this package's dataset facts: no import 
 
 @dataclass
 class EvalSplits:
-    """Datasets of (image [3, S, S], label); `augmented`: the train transform is random."""
+    """Datasets of (image [3, S, S], label); `augmented`: the train transform is random;
+    `unreadable`: what a pass does with an image it cannot read, and the files it met."""
 
     train: Dataset
     val: Dataset
@@ -42,6 +47,7 @@ class EvalSplits:
     val_labels: Tensor
     description: str
     augmented: bool
+    unreadable: UnreadableImages = field(default_factory=UnreadableImages)
 
     @property
     def num_classes(self) -> int:
@@ -52,16 +58,37 @@ class EvalSplits:
         """Tensors already in memory: DataLoader workers would only add overhead."""
         return isinstance(self.train, TensorImages)
 
+    def batches(
+        self, split: str, batch_size: int, order: Sequence[int] | None = None,
+        num_workers: int = 0,
+    ) -> ImageBatches:  # fmt: skip
+        """Image batches of the "train" or "val" split; unreadable images as `unreadable`
+        says (after a pass, `kept` names the images used)."""
+        dataset = self.train if split == "train" else self.val
+        return ImageBatches(dataset, batch_size, order, num_workers, self.unreadable, split)
+
+
+@dataclass
+class LabelledFolders:
+    """A train and a val ImageFolder, scanned and checked (same classes); transforms unset."""
+
+    train: LabelledImageFolder
+    val: LabelledImageFolder
+    description: str
+
 
 def eval_splits(
-    data: str, img_size: int, *, seed: int = 0, test_fraction: float = 0.2, augment: bool = False
-) -> EvalSplits:
-    """`digits` or an ImageFolder root with train/ and val/.
+    data: str | LabelledFolders, img_size: int, *, seed: int = 0, test_fraction: float = 0.2,
+    augment: bool = False, unreadable: UnreadableImages | None = None,
+) -> EvalSplits:  # fmt: skip
+    """`digits`, an ImageFolder root with train/ and val/, or such folders already opened.
 
     Args:
         augment: random resized crops (and flips, except on digits) for the train split, DINO's
             linear-probe augmentation; the val split is always resized and centre-cropped.
+        unreadable: the policy for unreadable images (default: skip, up to 10% of a split).
     """
+    policy = unreadable or UnreadableImages()
     if data == "digits":
         train_x, train_y, val_x, val_y = digits(seed, test_fraction)
         crop = T.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True) if augment else None
@@ -72,14 +99,27 @@ def eval_splits(
             val_y,
             f"digits (held-out {test_fraction:.0%}, seed {seed})",
             augment,
+            policy,
         )
-    root = Path(data)
+    folders = open_eval_folders(data) if isinstance(data, str) else data
+    return _transformed(folders, img_size, augment, policy)
+
+
+def open_eval_folders(root: str | Path) -> LabelledFolders:
+    """Scans ROOT/train and ROOT/val (ImageFolders) and checks that they hold the same classes;
+    no image is decoded.
+
+    Raises:
+        UserError: a folder is missing, has no class folder or an empty one, or the class
+            folders differ (those only in train/ and those only in val/ named).
+    """
+    root = Path(root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(
             f"--data {root}: expected 'digits' or a folder with train/ and val/ ImageFolders "
             "(one sub-folder per class in each)"
         )
-    return _image_folders(root / "train", root / "val", img_size, augment, f"ImageFolder {root}")
+    return _open_folders(root / "train", root / "val", f"ImageFolder {root}")
 
 
 def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits | None:
@@ -88,10 +128,12 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
     Returns:
         the digits split the run held out (`eval_splits("digits", ...)`); else the ImageFolders
         eval.knn_train_path / eval.knn_val_path when both are set; else None (no labels).
+        Unreadable images are skipped or stop the run as data.on_error says.
 
     Raises:
         ConfigError: a k-NN folder is missing, has no class sub-folders, or holds images at
             its top level (they would have no label).
+        UserError: the two folders' classes differ (named).
     """
     size = data.global_crop_size
     if data.name == "digits":
@@ -117,11 +159,32 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
                 "eval.knn_train_path and eval.knn_val_path"
             )
     train, val = folders.values()
-    return _image_folders(train, val, size, False, f"ImageFolders {train} and {val}")
+    policy = UnreadableImages(
+        data.on_error, data.max_bad_fraction, "data.on_error=skip", "data.max_bad_fraction"
+    )
+    opened = _open_folders(train, val, f"ImageFolders {train} and {val}")
+    return _transformed(opened, size, False, policy)
 
 
-def _image_folders(
-    train_root: Path, val_root: Path, img_size: int, augment: bool, name: str
+def _open_folders(train_root: Path, val_root: Path, name: str) -> LabelledFolders:
+    try:
+        train = LabelledImageFolder(train_root)
+        val = LabelledImageFolder(val_root)
+    except FileNotFoundError as err:  # no class folder, or a class folder without images
+        raise UserError(f"{name}: {err}") from None
+    if train.classes != val.classes:  # labels are class indices: they must mean the same
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UserError(
+            f"{name}: the train and val folders must hold the same class folders (labels are "
+            f"class indices): only in {train_root}: {key_list(only_train)}; only in "
+            f"{val_root}: {key_list(only_val)}"
+        )
+    return LabelledFolders(train, val, f"{name} ({len(train.classes)} classes)")
+
+
+def _transformed(
+    folders: LabelledFolders, img_size: int, augment: bool, unreadable: UnreadableImages
 ) -> EvalSplits:
     train_transform = eval_transform(img_size)
     if augment:
@@ -132,44 +195,14 @@ def _image_folders(
                 *train_transform.transforms[2:],
             ]
         )
-    try:
-        train = LabelledImageFolder(train_root, train_transform)
-        val = LabelledImageFolder(val_root, eval_transform(img_size))
-    except FileNotFoundError as err:  # no class folder, or a class folder without images
-        raise UserError(f"{name}: {err}") from None
-    if train.classes != val.classes:  # labels are class indices: they must mean the same
-        raise ConfigError(f"{name}: the train and val folders have different class folders")
+    folders.train.transform = train_transform
+    folders.val.transform = eval_transform(img_size)
     return EvalSplits(
-        train,
-        val,
-        torch.tensor(train.targets),
-        torch.tensor(val.targets),
-        f"{name} ({len(train.classes)} classes)",
+        folders.train,
+        folders.val,
+        torch.tensor(folders.train.targets),
+        torch.tensor(folders.val.targets),
+        folders.description,
         augment,
+        unreadable,
     )
-
-
-class ImageBatches:
-    """Image batches [B, C, H, W] of a dataset in a given order, labels dropped; has a length
-    (the number of batches) for progress bars."""
-
-    def __init__(
-        self, dataset: Dataset, batch_size: int, order: Sequence[int] | None, num_workers: int
-    ) -> None:
-        indices = list(range(len(dataset))) if order is None else list(order)  # type: ignore[arg-type]
-        batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        for images, _labels in self.loader:
-            yield images
-
-
-def image_batches(
-    dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, num_workers: int = 0
-) -> ImageBatches:
-    """Image batches [B, C, H, W] in `order` (default: dataset order), labels dropped."""
-    return ImageBatches(dataset, batch_size, order, num_workers)

@@ -2,10 +2,10 @@
 
 The same config resumes (keys that do not change what is trained, such as `train.max_steps`
 or `eval.*`, may differ; so may `data.path`, the data order being checked when the checkpoint
-loads), and so may the optimisation keys a divergence calls for, such as a lower `optim.lr`:
-each such change is logged. A different config is refused with the differing keys named, unless
-`resume` (continue the saved run with its own config) or `overwrite` (delete the saved run and
-start this one).
+loads), and so may the optimisation keys a divergence calls for, such as a lower `optim.lr`,
+and `train.epochs` (a finished run is extended): each such change is logged. A different
+config is refused with the differing keys named, unless `resume` (continue the saved run with
+its own config) or `overwrite` (delete the saved run and start this one).
 The config is compared with the checkpoint's, or, before the first checkpoint, with the
 `config.yaml` of a run that began training (it created `metrics.jsonl`); a `config.yaml` alone
 is the leftover of a start that failed before training (a bad model, a missing folder) and is
@@ -47,6 +47,12 @@ RETUNABLE_ON_RESUME = (
     "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "dino.clip_grad",
     "train.on_nonfinite", "train.max_skipped_steps",
 )  # fmt: skip
+# Keys that change only how long a run is: a finished run is extended with a larger
+# train.epochs. Every schedule is a function of the total steps (lr, weight decay, teacher
+# momentum; teacher temperature and warm-ups are counted in epochs): they are recomputed for the
+# new length and continue at the saved step, as official DINO does when restarted with a larger
+# --epochs. A run is never cut short below the step it reached.
+LENGTH_ON_RESUME = ("train.epochs",)
 # What a run writes in its output dir, and all that --overwrite deletes: `ssl-kd train`'s files
 # and folders, and `eval/` (where `ssl-kd eval` writes a run's results by default).
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl", "summary.json", "config.yaml")
@@ -59,16 +65,16 @@ def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> dict[s
     return {
         key: values
         for key, values in _changed(current, saved).items()
-        if not key.startswith(RESUMABLE_CHANGES + RETUNABLE_ON_RESUME)
+        if not key.startswith(RESUMABLE_CHANGES + RETUNABLE_ON_RESUME + LENGTH_ON_RESUME)
     }
 
 
 def retuned_keys(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
-    """dotted key → (current, saved) for the optimisation keys a resume may change."""
+    """dotted key → (current, saved) for the optimisation and length keys a resume may change."""
     return {
         key: values
         for key, values in _changed(current, saved).items()
-        if key.startswith(RETUNABLE_ON_RESUME)
+        if key.startswith(RETUNABLE_ON_RESUME + LENGTH_ON_RESUME)
     }
 
 
@@ -110,6 +116,7 @@ def prepare_output_dir(
         state, path = found
         saved, step = state["config"], int(state["step"])
         source = f"{path.name} at step {step}"
+        _check_length(cfg, state, path)
     else:
         saved, step = _started_config(output_dir), 0
         source = "config.yaml, stopped before its first checkpoint"
@@ -118,8 +125,27 @@ def prepare_output_dir(
         _note_data_path(cfg, saved)
         for key, (new, old) in retuned_keys(to_dict(cfg), saved).items():
             print(f"{key} changed {old} → {new} on resume (from {source})")
+            if key == "train.epochs":
+                print(
+                    f"schedules (lr, weight decay, teacher momentum and temperature) recomputed "
+                    f"for {new} epochs; training continues at step {step}"
+                )
     trim_metrics(output_dir / "metrics.jsonl", step)
     return cfg
+
+
+def _check_length(cfg: Config, state: dict[str, Any], path: Path) -> None:
+    """Raises a ConfigError when train.epochs ends before the step the saved run reached."""
+    step = int(state["step"])
+    steps_per_epoch = state.get("data", {}).get("steps_per_epoch")
+    if not steps_per_epoch or cfg.train.epochs * steps_per_epoch >= step:
+        return
+    raise ConfigError(
+        f"train.epochs={cfg.train.epochs} ends at step {cfg.train.epochs * steps_per_epoch}, "
+        f"but the run in {path.parent} has trained {step} steps ({path.name}, "
+        f"{steps_per_epoch} per epoch): a run can be extended, not cut short. Give "
+        f"train.epochs >= {-(-step // steps_per_epoch)}, or another output_dir"
+    )
 
 
 def _started_config(output_dir: Path) -> dict[str, Any] | None:

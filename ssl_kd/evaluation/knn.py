@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ssl_kd.data.splits import EvalSplits, image_batches
+from ssl_kd.data.splits import EvalSplits
 from ssl_kd.evaluation.features import FeatureSpec, extract
 from ssl_kd.models.backbone import ViTBackbone
 
@@ -77,13 +77,18 @@ def evaluate_knn(
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[int, dict[str, float]]:
-    """Extracts train and val features once, then scores every k (DINO's k-NN protocol)."""
-    features = {}
-    for name, dataset in (("train", splits.train), ("val", splits.val)):
-        batches = image_batches(dataset, batch_size, num_workers=num_workers)
+    """Extracts train and val features once, then scores every k (DINO's k-NN protocol).
+
+    Images `splits.unreadable` skips are left out with their labels (listed in its `files`).
+    """
+    features, labels = {}, {}
+    for name in ("train", "val"):
+        batches = splits.batches(name, batch_size, num_workers=num_workers)
         features[name] = extract_features(
             backbone, batches, device, f"{name} features" if progress else None
         )
+        all_labels = splits.train_labels if name == "train" else splits.val_labels
+        labels[name] = all_labels[batches.kept]
     return knn_classify(
-        features["train"], splits.train_labels, features["val"], splits.val_labels, ks, temperature
+        features["train"], labels["train"], features["val"], labels["val"], ks, temperature
     )
