@@ -2,7 +2,7 @@
 
     .venv/bin/python eval/bench/dino_ddp.py [--steps 20] [--warmup 3] [--batch 128] [--json OUT]
 
-configs/demo.yaml (tiny ViT, 32 px, 2 global + 4 local views, teacher at 50% of the patches),
+configs/demo_32px.yaml (tiny ViT, 32 px, 2 global + 4 local views, teacher at 50% of the patches),
 each world size started with torchrun. Threads (OMP_NUM_THREADS): 1 process on 1 thread and
 on every core; 2 processes split the cores.
 Timed: `--steps` training steps after `--warmup` ones, between barriers, no k-NN, no
@@ -34,7 +34,7 @@ def worker(steps: int, warmup: int, batch: int, output_dir: str) -> None:
         f"output_dir={output_dir}", f"train.batch_size={batch}", "eval.knn_at_end=false",
         "eval.knn_random_init=false", "eval.knn_every_epochs=0",
     ]  # fmt: skip
-    trainer = Trainer(load_config(REPO / "configs" / "demo.yaml", overrides), ctx)
+    trainer = Trainer(load_config(REPO / "configs" / "demo_32px.yaml", overrides), ctx)
     trainer.method.train()
     # the demo's digits give 11 batches of 128 per epoch (5 per rank with 2 ranks): go on
     batches = (views for epoch in range(10**6) for views in trainer.stream.epoch(epoch))
