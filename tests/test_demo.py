@@ -17,4 +17,6 @@ def test_demo_beats_the_untrained_backbone(tmp_path: Path) -> None:
     summary = train(cfg)
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 3.0
-    assert summary["teacher_pflops"] < 0.55 * summary["teacher_pflops_unmasked"]
+    # keep 0.5 of 16 patches: the teacher runs 9 of 17 tokens (the [CLS] always stays), 0.555
+    # of the unmasked cost as counted (README), not half
+    assert summary["teacher_pflops"] < 0.56 * summary["teacher_pflops_unmasked"]

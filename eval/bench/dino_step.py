@@ -135,6 +135,8 @@ class SslKdStep:
             "masking.strategy=attention_topk", "train.device=cpu", "eval.knn_at_end=false",
             # as the reference's head (and the README's measured rows): the last layer's norm trains
             "dino.norm_last_layer=false",
+            # as the reference's timm ViT: local crops resample the position embedding timm's way
+            "model.pos_embed_interpolation=timm",
             *overrides,
         ]  # fmt: skip
         cfg = load_config(REPO / "configs" / "dino_vit_s16.yaml", overrides)
