@@ -98,3 +98,33 @@ def test_linear_probe_rerun_replaces_the_earlier_curves(tmp_path):
     assert all(logged == [1, 2, 3] for logged in steps.values()), steps
     top1 = values(out / "linear_mae" / "tb", "linear/val_top1")
     assert top1 == pytest.approx([e["top1"] for e in result["per_epoch"]])
+
+
+def test_a_restart_within_the_same_second_still_hides_the_killed_runs_steps(tmp_path):
+    """A killed run's event file made in this very second, by a process whose host and pid
+    sort after ours (as a killed subprocess's may): the restarted run's file must still sort
+    last, or TensorBoard reads its purge marker first and shows the killed steps again."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ssl_kd.engine.logging import RunLogger
+
+    tb = tmp_path / "tb"
+    killed = SummaryWriter(str(tb), filename_suffix="")
+    for step in range(1, 9):
+        killed.add_scalar("train/loss", float(step), step)
+    killed.close()
+    (old,) = tb.glob("events.out.tfevents.*")
+    stamp = int(time.time())
+    # the same second (or the next: the killed run may also have started just now), a host
+    # name that sorts after any other
+    clashing = tb / f"events.out.tfevents.{stamp}.zzzz.999999.0"
+    old.rename(clashing)
+
+    logger = RunLogger(tmp_path, purge_step=0)
+    logger.scalars(1, {"train/loss": 100.0})
+    logger.close()
+    names = sorted(path.name for path in tb.glob("events.out.tfevents.*"))
+    assert names[0] == clashing.name
+    assert steps_per_tag(tb)["train/loss"] == [1]

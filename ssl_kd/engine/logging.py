@@ -16,6 +16,23 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 
+def wait_for_a_later_event_file_name(folder: Path) -> None:
+    """Waits (under a second) until an event file made now sorts after every one in `folder`.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the whole
+    second it was made in, then the host and the pid. A run restarted within the second its
+    killed predecessor started could sort first; its purge marker would then be read before
+    the events it is meant to hide, and they would show again.
+    """
+    newest = 0
+    for path in folder.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        if stamp.isdigit():
+            newest = max(newest, int(stamp))
+    while int(time.time()) <= newest:
+        time.sleep(max(0.01, newest + 1 - time.time()))
+
+
 class RunLogger:
     """TensorBoard, metrics.jsonl and console on rank 0; a log file per rank."""
 
@@ -33,6 +50,8 @@ class RunLogger:
         (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._rank_log = open(self.output_dir / "logs" / f"rank{rank}.log", "a")  # noqa: SIM115
         tb_purge = None if purge_step is None else purge_step + 1
+        if enabled:
+            wait_for_a_later_event_file_name(self.output_dir / "tb")
         self.writer = (
             SummaryWriter(str(self.output_dir / "tb"), purge_step=tb_purge) if enabled else None
         )
