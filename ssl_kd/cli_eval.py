@@ -38,12 +38,12 @@ dropped), an official MAE checkpoint ({"model": ...}) or a timm state dict. The 
 from the export folder's config.json, the run's saved config or the official args; give
 --model otherwise.
 
-DATA: 'digits' (the run's held-out split, same seed) or a folder with train/ and val/
-ImageFolders (checked before the checkpoint is read). Default: what the run was trained on
-(digits) — required otherwise. An unreadable image (truncated, not an image) is left out of its
-split with its label, named on stderr and listed in the JSON, and the scores are over the
-readable images (--on-error error stops at it instead, exit 1; more than --max-bad-fraction of
-a split unreadable stops too).
+DATA: 'digits' or 'cluttered_digits' (the run's held-out split, same seed) or a folder with
+train/ and val/ ImageFolders (checked before the checkpoint is read). Default: what the run was
+trained on (bundled data) — required otherwise. An unreadable image (truncated, not an image) is
+left out of its split with its label, named on stderr and listed in the JSON, and the scores are
+over the readable images (--on-error error stops at it instead, exit 1; more than
+--max-bad-fraction of a split unreadable stops too).
 
   ssl-kd eval knn runs/demo/checkpoint.pth
   ssl-kd eval knn runs/demo/export                   # an export folder: no --model needed
@@ -144,11 +144,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
     parser.add_argument("checkpoint", help="checkpoint, state dict or export folder (see above)")
-    parser.add_argument("--data", help="'digits' or a folder with train/ and val/")
+    parser.add_argument(
+        "--data", help="'digits', 'cluttered_digits' or a folder with train/ and val/"
+    )
     parser.add_argument("--img-size", type=int, help="default: the run's global crop size")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
-        "--num-workers", type=int, default=None, help="default: 0 for digits, else 8"
+        "--num-workers", type=int, default=None, help="default: 0 for bundled data, else 8"
     )
     parser.add_argument("--output-dir", help="default: CHECKPOINT's folder/eval")
     parser.add_argument(

@@ -10,7 +10,9 @@ from typing import Any
 
 from ssl_kd.errors import ConfigError
 
-DATASETS = ("digits", "imagefolder")
+# The bundled data sets (ssl_kd.data.bundled, generated in memory) and image folders.
+BUNDLED_DATASETS = ("digits", "cluttered_digits")
+DATASETS = (*BUNDLED_DATASETS, "imagefolder")
 TRANSFORMS = ("lightly", "batched")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -105,7 +107,7 @@ class DataConfig:
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     hflip_prob: float = 0.5
     num_workers: int = 8
-    test_fraction: float = 0.2  # digits only: held-out split for k-NN
+    test_fraction: float = 0.2  # bundled data only: the held-out split for evaluation
     # An unreadable image: skip (log it once, count it, train on the next readable image in
     # its place) or error (stop; the last checkpoint is kept).
     on_error: str = "skip"
@@ -140,7 +142,8 @@ class DataConfig:
             if not self.path:
                 raise ConfigError(
                     "data.path is not set: point it at an ImageFolder root (or a flat image "
-                    "folder), or use data.name=digits for the bundled demo data"
+                    "folder), or use data.name=digits (or cluttered_digits) for the bundled "
+                    "demo data"
                 )
             if not Path(self.path).is_dir():
                 raise ConfigError(f"data.path={self.path} is not a folder")
@@ -250,7 +253,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_random_init: bool = False  # also score the untrained backbone (a baseline)
     batch_size: int = 256
-    # Labelled ImageFolders for k-NN with data.name=imagefolder (digits has its own split).
+    # Labelled ImageFolders for k-NN with data.name=imagefolder (bundled data has its own split).
     knn_train_path: str | None = None
     knn_val_path: str | None = None
     # Pictures of what the method does (DINO: attention and the masked teacher's input; MAE:

@@ -2,6 +2,7 @@
 
 - `images`: `load_image`, the one way an image file is read (bit depth, EXIF, alpha, size);
 - `datasets`: ImageFolder or flat folders, the bundled digits, in-memory labelled tensors;
+- `cluttered`, `bundled`: the cluttered digits, and the data sets shipped in code by name;
 - `transforms`: DINO multi-crop (lightly per image, or batched on tensors), the eval transform;
 - `streams`: resumable training streams of views, seeded by (seed, epoch, batch) only;
 - `splits`: labelled train/val splits for k-NN and linear evaluation;
@@ -9,6 +10,8 @@
 """
 
 from ssl_kd.data.batches import ImageBatches, UnreadableImages, image_batches
+from ssl_kd.data.bundled import BUNDLED, bundled_splits, is_bundled
+from ssl_kd.data.cluttered import cluttered_digits, cluttered_digits_layout
 from ssl_kd.data.datasets import (
     DIGITS_IMAGES,
     IMAGE_EXTENSIONS,
@@ -54,6 +57,7 @@ from ssl_kd.data.transforms import (
 
 __all__ = [
     "ALPHA_BACKGROUND",
+    "BUNDLED",
     "DIGITS_IMAGES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -75,7 +79,10 @@ __all__ = [
     "Views",
     "batches_per_epoch",
     "build_train_stream",
+    "bundled_splits",
     "check_batch",
+    "cluttered_digits",
+    "cluttered_digits_layout",
     "digits",
     "digits_train_size",
     "eval_splits",
@@ -84,6 +91,7 @@ __all__ = [
     "has_class_folders",
     "image_batches",
     "image_dataset",
+    "is_bundled",
     "is_image_folder",
     "knn_splits",
     "lightly_multi_crop",

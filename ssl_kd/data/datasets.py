@@ -150,21 +150,28 @@ def digits(seed: int, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tenso
         test_labels [M]; the split is stratified and fixed by `seed`.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8]
     images = F.interpolate(images, size=DIGITS_SIZE, mode="bilinear", align_corners=False)
     images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = stratified_split(labels, seed, test_fraction)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+def stratified_split(labels: Tensor, seed: int, test_fraction: float) -> tuple[Tensor, Tensor]:
+    """(train indices, test indices) of a stratified split fixed by `seed`, the test part rounded
+    up (scikit-learn's train_test_split): the one split rule of the bundled data sets."""
+    from sklearn.model_selection import train_test_split
+
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(),
         test_size=test_fraction,
         random_state=seed,
         stratify=labels.numpy(),
     )
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+    return torch.from_numpy(train_idx), torch.from_numpy(test_idx)
 
 
 class TensorImages(Dataset):

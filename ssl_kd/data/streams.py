@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ssl_kd.data.datasets import TensorImagesAsPIL, digits, digits_train_size, image_dataset
+from ssl_kd.data.bundled import bundled_splits, is_bundled
+from ssl_kd.data.datasets import TensorImagesAsPIL, digits_train_size, image_dataset
 from ssl_kd.data.images import DataError
 from ssl_kd.data.transforms import (
     BatchedMultiCrop,
@@ -257,17 +258,18 @@ def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
 
 
 def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:
-    """Raises a ConfigError when a process's share of the digits holds less than one batch.
+    """Raises a ConfigError when a process's share of the bundled data holds less than one
+    batch.
 
     (The size of an image folder is only known once it is scanned: `build_train_stream` checks.)
     """
-    if data.name != "digits":
+    if not is_bundled(data.name):
         return
     share = digits_train_size(data.test_fraction) // world_size
     if share < batch_size:
         raise ConfigError(
             f"train.batch_size={batch_size} (per process) is larger than the data's share per "
-            f"process ({share} digits images with WORLD_SIZE={world_size}): lower "
+            f"process ({share} {data.name} images with WORLD_SIZE={world_size}): lower "
             "train.batch_size or use fewer processes"
         )
 
@@ -290,12 +292,13 @@ def build_train_stream(
         spec.num_local_views = 0
     stream: TensorMultiCropStream | LoaderStream
     if data.transform == "batched":
-        if data.name != "digits":
+        if not is_bundled(data.name):
             raise ConfigError(
-                "data.transform=batched works on in-memory data (data.name=digits); "
+                "data.transform=batched works on in-memory data (data.name=digits or "
+                "cluttered_digits); "
                 "use data.transform=lightly for image folders"
             )
-        images = digits(seed, data.test_fraction)[0]
+        images = bundled_splits(data.name, seed, data.test_fraction)[0]
         stream = TensorMultiCropStream(
             images, spec, batch_size, seed, rank, world_size, num_views=1 if single_crop else None
         )
@@ -304,8 +307,9 @@ def build_train_stream(
         transform = (
             lightly_single_crop(data.global_crop_size) if single_crop else lightly_multi_crop(spec)
         )
-        if data.name == "digits":
-            dataset: Dataset = TensorImagesAsPIL(digits(seed, data.test_fraction)[0], transform)
+        if is_bundled(data.name):
+            images = bundled_splits(data.name, seed, data.test_fraction)[0]
+            dataset: Dataset = TensorImagesAsPIL(images, transform)
         else:
             assert data.path is not None
             dataset = folder = image_dataset(data.path, transform)
