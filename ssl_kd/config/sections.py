@@ -256,6 +256,11 @@ class EvalConfig:
     # Labelled ImageFolders for k-NN with data.name=imagefolder (bundled data has its own split).
     knn_train_path: str | None = None
     knn_val_path: str | None = None
+    # Top-1/top-5 of the method's classifier (supervised, kd) on the validation split: the
+    # bundled data's held-out split, or eval.val_path (an ImageFolder with data.path's classes).
+    classify_every_epochs: int = 0  # 0: only at the end (if classify_at_end)
+    classify_at_end: bool = True
+    val_path: str | None = None
     # Pictures of what the method does (DINO: attention and the masked teacher's input; MAE:
     # reconstructions) to TensorBoard every N steps; 0: never.
     pictures_every_steps: int = 0
@@ -265,7 +270,12 @@ class EvalConfig:
             raise ConfigError(
                 f"eval.pictures_every_steps={self.pictures_every_steps} must be >= 0 (0: never)"
             )
-        check_not_negative({"eval.knn_every_epochs": self.knn_every_epochs})
+        check_not_negative(
+            {
+                "eval.knn_every_epochs": self.knn_every_epochs,
+                "eval.classify_every_epochs": self.classify_every_epochs,
+            }
+        )
         check_positive({"eval.knn_k": self.knn_k, "eval.batch_size": self.batch_size})
         if not math.isfinite(self.knn_temperature) or self.knn_temperature <= 0:
             raise ConfigError(f"eval.knn_temperature={self.knn_temperature} must be > 0")

@@ -29,9 +29,11 @@ from ssl_kd.data.images import ALPHA_BACKGROUND, DataError, load_image
 from ssl_kd.data.splits import (
     EvalSplits,
     LabelledFolders,
+    ValSplit,
     eval_splits,
     knn_splits,
     open_eval_folders,
+    val_split,
 )
 from ssl_kd.data.streams import (
     EpochPermutation,
@@ -42,6 +44,7 @@ from ssl_kd.data.streams import (
     batches_per_epoch,
     build_train_stream,
     check_batch,
+    labelled_classes,
 )
 from ssl_kd.data.transforms import (
     IMAGENET_MEAN,
@@ -76,6 +79,7 @@ __all__ = [
     "TensorImages",
     "TensorMultiCropStream",
     "UnreadableImages",
+    "ValSplit",
     "Views",
     "batches_per_epoch",
     "build_train_stream",
@@ -94,10 +98,12 @@ __all__ = [
     "is_bundled",
     "is_image_folder",
     "knn_splits",
+    "labelled_classes",
     "lightly_multi_crop",
     "lightly_single_crop",
     "load_image",
     "normalize_images",
     "open_eval_folders",
     "to_unit_range",
+    "val_split",
 ]

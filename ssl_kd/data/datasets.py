@@ -91,14 +91,19 @@ class LabelledImageFolder(datasets.ImageFolder):
         self.description = f"ImageFolder, {len(self.classes)} classes, {len(self.samples)} images"
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(
+        classes = self.find_classes_of(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    @staticmethod
+    def find_classes_of(directory: str | Path) -> list[str]:
+        """The class folders' names, sorted (their indices are the labels); hidden ones left out."""
+        return sorted(
             entry.name
             for entry in os.scandir(directory)
             if entry.is_dir() and not is_hidden(entry.name)
         )
-        if not classes:
-            raise FileNotFoundError(f"no class folder in {directory}")
-        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def has_class_folders(root: str | Path) -> bool:
@@ -200,16 +205,19 @@ class TensorImages(Dataset):
 
 
 class TensorImagesAsPIL(Dataset):
-    """In-memory images [N, 3, H, W] in [0, 1] served as PIL images through `transform`, label
-    0: runs lightly's per-image transforms on the digits."""
+    """In-memory images [N, 3, H, W] in [0, 1] served as PIL images through `transform`, with
+    their `labels` (default: label 0): runs per-image transforms (lightly's, timm's) on the
+    bundled data."""
 
-    def __init__(self, images: Tensor, transform: Callable) -> None:
+    def __init__(self, images: Tensor, transform: Callable, labels: Tensor | None = None) -> None:
         self.images = images
         self.transform = transform
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         array = (self.images[index].permute(1, 2, 0) * 255).round().byte().numpy()
-        return self.transform(Image.fromarray(array)), 0
+        label = 0 if self.labels is None else int(self.labels[index])
+        return self.transform(Image.fromarray(array)), label

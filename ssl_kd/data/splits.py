@@ -5,6 +5,8 @@ ImageFolders.
 `train/` and `val/` (one sub-folder per class in each, the layout of ImageNet's usual copy);
 `knn_splits` takes a run's config, with the two folders named by eval.knn_train_path and
 eval.knn_val_path. A bundled split is the one the training run held out (same seed).
+`val_split` is the labelled split a training run scores its classifier on (top-1/top-5): the
+held-out bundled split, or the ImageFolder eval.val_path with data.path's classes.
 `open_eval_folders` scans and checks a root's folders on their own, so that `ssl-kd eval` can
 refuse bad data before it loads a checkpoint. Unreadable images are left out of a split as
 `EvalSplits.unreadable` says (data/batches.py).
@@ -210,3 +212,57 @@ def _transformed(
         augment,
         unreadable,
     )
+
+
+@dataclass
+class ValSplit:
+    """One labelled split: (image [3, S, S], label) items, their labels [N], and the policy for
+    unreadable images."""
+
+    dataset: Dataset
+    labels: Tensor
+    description: str
+    unreadable: UnreadableImages = field(default_factory=UnreadableImages)
+
+    def batches(self, batch_size: int, num_workers: int = 0) -> ImageBatches:
+        return ImageBatches(self.dataset, batch_size, None, num_workers, self.unreadable, "val")
+
+
+def val_split(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> ValSplit | None:
+    """The split a training run scores its classifier on, at data.global_crop_size: the bundled
+    split the run held out, the ImageFolder eval.val_path (whose class folders must be those of
+    data.path: labels are class indices), or None (no eval.val_path).
+
+    Raises:
+        ConfigError: eval.val_path is not a labelled ImageFolder.
+        UserError: its classes differ from data.path's (named).
+    """
+    size = data.global_crop_size
+    if is_bundled(data.name):
+        splits = eval_splits(data.name, size, seed=seed, test_fraction=data.test_fraction)
+        return ValSplit(splits.val, splits.val_labels, splits.description)
+    if not eval_cfg.val_path:
+        return None
+    folder = Path(eval_cfg.val_path)
+    if not folder.is_dir() or not is_image_folder(folder):
+        raise ConfigError(
+            f"eval.val_path={folder} is not a labelled ImageFolder (one sub-folder per class, "
+            "no image at the top)"
+        )
+    assert data.path is not None
+    trained, held_out = (LabelledImageFolder.find_classes_of(p) for p in (data.path, folder))
+    if trained != held_out:
+        raise UserError(
+            f"eval.val_path={folder} must hold the class folders of data.path={data.path} "
+            f"(labels are class indices): only in data.path: "
+            f"{key_list(sorted(set(trained) - set(held_out)))}; only in eval.val_path: "
+            f"{key_list(sorted(set(held_out) - set(trained)))}"
+        )
+    try:
+        val = LabelledImageFolder(folder, eval_transform(size))
+    except FileNotFoundError as err:  # a class folder without images
+        raise UserError(f"eval.val_path={folder}: {err}") from None
+    policy = UnreadableImages(
+        data.on_error, data.max_bad_fraction, "data.on_error=skip", "data.max_bad_fraction"
+    )
+    return ValSplit(val, torch.tensor(val.targets), f"ImageFolder {folder}", policy)
