@@ -191,3 +191,26 @@ def test_resume_reaches_the_same_weights_with_mixup(tmp_path):
     expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")["method"]
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in final)
+
+
+def test_the_deit_recipe_builds_deits_own_training_transform(tmp_path):
+    """configs/deit_s16_supervised.yaml → the transform DeiT's datasets.build_transform makes
+    with main.py's defaults (timm's create_transform; its crop scale and flip defaults)."""
+    from timm.data import create_transform
+
+    from ssl_kd.methods import method_class
+    from ssl_kd.run_config import load_config
+    from tests.helpers import REPO
+
+    (tmp_path / "class_a").mkdir()
+    cfg = load_config(
+        REPO / "configs" / "deit_s16_supervised.yaml",
+        [f"data.path={tmp_path}", f"eval.val_path={tmp_path}"],
+    )
+    ours = method_class(cfg.method).train_transform(cfg)
+    deit = create_transform(
+        input_size=224, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+    )  # fmt: skip
+    assert repr(ours) == repr(deit)
+    assert "RandAugment" in repr(ours) and "RandomErasing(p=0.25, mode=pixel" in repr(ours)

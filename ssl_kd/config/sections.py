@@ -106,6 +106,10 @@ class DataConfig:
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     hflip_prob: float = 0.5
+    # DeiT's repeated augmentation: each image of an epoch's shuffled order appears this many
+    # times in a row, the copies on different ranks; an epoch keeps its number of samples (1/r
+    # of the images, each r times). 1: off (DeiT: 3).
+    repeated_augmentation: int = 1
     num_workers: int = 8
     test_fraction: float = 0.2  # bundled data only: the held-out split for evaluation
     # An unreadable image: skip (log it once, count it, train on the next readable image in
@@ -128,6 +132,7 @@ class DataConfig:
             {
                 "data.global_crop_size": self.global_crop_size,
                 "data.local_crop_size": self.local_crop_size,
+                "data.repeated_augmentation": self.repeated_augmentation,
             }
         )
         check_not_negative(
@@ -277,6 +282,8 @@ class EvalConfig:
             }
         )
         check_positive({"eval.knn_k": self.knn_k, "eval.batch_size": self.batch_size})
+        if self.val_path is not None and not Path(self.val_path).is_dir():
+            raise ConfigError(f"eval.val_path={self.val_path} is not a folder")
         if not math.isfinite(self.knn_temperature) or self.knn_temperature <= 0:
             raise ConfigError(f"eval.knn_temperature={self.knn_temperature} must be > 0")
 

@@ -60,14 +60,21 @@ class EpochPermutation(Sampler[int]):
 
     With `num_replicas > 1` each rank takes every num_replicas-th index of the same permutation,
     as DistributedSampler does; the last incomplete batch is dropped.
+
+    `repeats > 1` is DeiT's repeated augmentation (its RASampler): each index of the permutation
+    is repeated that many times in a row before the ranks take their share, so the copies of an
+    image land on different ranks (and get different crops); each rank still takes size /
+    num_replicas indices, so an epoch holds size / repeats distinct images.
     """
 
     def __init__(
         self, size: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-        rank: int = 0, num_replicas: int = 1,
+        rank: int = 0, num_replicas: int = 1, repeats: int = 1,
     ) -> None:  # fmt: skip
         permutation = torch.randperm(size, generator=generator_for(seed, "order", epoch))
         per_rank = size // num_replicas
+        if repeats > 1:
+            permutation = permutation.repeat_interleave(repeats)
         mine = permutation[rank : per_rank * num_replicas : num_replicas]
         usable = (len(mine) // batch_size) * batch_size
         self.indices = mine[start_batch * batch_size : usable].tolist()
@@ -148,9 +155,11 @@ class TensorMultiCropStream:
     def __init__(
         self, images: Tensor, spec: MultiCropSpec, batch_size: int, seed: int, rank: int = 0,
         world_size: int = 1, num_views: int | None = None, labels: Tensor | None = None,
+        repeats: int = 1,
     ) -> None:  # fmt: skip
         self.images = images
         self.labels = labels
+        self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.num_images = len(images)  # with steps_per_epoch, what fixes the data order
         self.num_views = num_views  # keep only the first views (MAE: 1)
         self.crop = BatchedMultiCrop(spec)
@@ -165,7 +174,7 @@ class TensorMultiCropStream:
         """The views of each batch of `epoch` from `start_batch` on."""
         order = EpochPermutation(
             len(self.images), self.batch_size, self.seed, epoch, start_batch, self.rank,
-            self.world_size,
+            self.world_size, self.repeats,
         )  # fmt: skip
         indices = torch.tensor(order.indices, dtype=torch.long).split(self.batch_size)
         for offset, batch_indices in enumerate(indices):
@@ -192,10 +201,11 @@ class LoaderStream:
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
         world_size: int = 1, on_error: str = "skip", max_bad_fraction: float = 0.1,
-        labelled: bool = False,
+        labelled: bool = False, repeats: int = 1,
     ) -> None:  # fmt: skip
         self.dataset = dataset
         self.labelled = labelled
+        self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.size: int = len(dataset)  # type: ignore[arg-type]
         self.max_bad_fraction = max_bad_fraction
         self.max_bad = math.floor(max_bad_fraction * self.size)  # more stops the run
@@ -214,7 +224,7 @@ class LoaderStream:
         """The views of each batch of `epoch` from `start_batch` on."""
         sampler = EpochPermutation(
             len(self.dataset), self.batch_size, self.seed, epoch, start_batch, self.rank,  # type: ignore[arg-type]
-            self.world_size,
+            self.world_size, self.repeats,
         )  # fmt: skip
         self.samples.epoch = epoch  # workers get a copy of the dataset when the loader starts
         loader = DataLoader(
@@ -325,6 +335,7 @@ def build_train_stream(
         stream = TensorMultiCropStream(
             images, spec, batch_size, seed, rank, world_size,
             num_views=1 if single_crop else None, labels=labels if labelled else None,
+            repeats=data.repeated_augmentation,
         )  # fmt: skip
         size = len(images)
     else:
@@ -349,7 +360,7 @@ def build_train_stream(
                 print(f"data.path {data.path}: {folder.description}", flush=True)
         stream = LoaderStream(
             dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error,
-            data.max_bad_fraction, labelled,
+            data.max_bad_fraction, labelled, data.repeated_augmentation,
         )  # fmt: skip
         size = len(dataset)  # type: ignore[arg-type]
     if stream.steps_per_epoch == 0:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ssl_kd.config.sections import (
     Config,
+    DataConfig,
     check_choice,
     check_not_negative,
     check_positive,
@@ -93,12 +94,15 @@ class SupervisedConfig:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def image_folder_transform(cfg: SupervisedConfig, size: int) -> Callable:
-    """timm's training transform, as DeiT builds it: random resized crop, flip, RandAugment,
+def image_folder_transform(cfg: SupervisedConfig, data: DataConfig) -> Callable:
+    """timm's training transform, as DeiT builds it: random resized crop (area fraction in
+    data.global_crop_scale; DeiT keeps timm's 0.08-1), flip (data.hflip_prob), RandAugment,
     colour jitter, normalisation, random erasing."""
     return create_transform(
-        input_size=size,
+        input_size=data.global_crop_size,
         is_training=True,
+        scale=(data.global_crop_scale[0], data.global_crop_scale[1]),
+        hflip=data.hflip_prob,
         color_jitter=cfg.color_jitter,
         auto_augment=cfg.auto_augment,
         interpolation=cfg.interpolation,
@@ -196,7 +200,7 @@ class Supervised(Method):
 
     @classmethod
     def train_transform(cls, cfg: Config) -> Callable:
-        return image_folder_transform(cfg.section(cls.section), cfg.data.global_crop_size)
+        return image_folder_transform(cfg.section(cls.section), cfg.data)
 
     def __init__(self, student: Classifier, cfg: SupervisedConfig) -> None:
         super().__init__()
