@@ -62,32 +62,35 @@ class SupervisedConfig:
     clip_grad: float = 0.0  # gradient norm clip over all parameters; 0: none (DeiT's default)
 
     def check(self) -> None:
-        check_choice("supervised.mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
+        self.check_keys("supervised")
+
+    def check_keys(self, section: str) -> None:
+        """The checks of these keys, named as under `section` (kd's section extends this one)."""
+        key = f"{section}.{{}}".format
+        check_choice(key("mixup_mode"), self.mixup_mode, ("batch", "pair", "elem"))
         check_choice(
-            "supervised.random_erasing_mode", self.random_erasing_mode, ("const", "rand", "pixel")
+            key("random_erasing_mode"), self.random_erasing_mode, ("const", "rand", "pixel")
         )
-        check_choice(
-            "supervised.interpolation", self.interpolation, ("bilinear", "bicubic", "random")
-        )
+        check_choice(key("interpolation"), self.interpolation, ("bilinear", "bicubic", "random"))
         check_not_negative(
             {
-                "supervised.mixup": self.mixup,
-                "supervised.cutmix": self.cutmix,
-                "supervised.color_jitter": self.color_jitter,
-                "supervised.clip_grad": self.clip_grad,
+                key("mixup"): self.mixup,
+                key("cutmix"): self.cutmix,
+                key("color_jitter"): self.color_jitter,
+                key("clip_grad"): self.clip_grad,
             }
         )
         check_unit_interval(
             {
-                "supervised.smoothing": self.smoothing,
-                "supervised.mixup_prob": self.mixup_prob,
-                "supervised.mixup_switch_prob": self.mixup_switch_prob,
-                "supervised.random_erasing": self.random_erasing,
+                key("smoothing"): self.smoothing,
+                key("mixup_prob"): self.mixup_prob,
+                key("mixup_switch_prob"): self.mixup_switch_prob,
+                key("random_erasing"): self.random_erasing,
             }
         )
-        check_positive({"supervised.random_erasing_count": self.random_erasing_count})
+        check_positive({key("random_erasing_count"): self.random_erasing_count})
         if self.num_classes is not None:
-            check_positive({"supervised.num_classes": self.num_classes})
+            check_positive({key("num_classes"): self.num_classes})
 
     @property
     def mixes(self) -> bool:
@@ -182,6 +185,10 @@ class Supervised(Method):
     def check(cls, cfg: Config) -> None:
         super().check(cfg)
         check_labelled(cfg, cfg.section(cls.section), cls.section)
+        cls.check_masking(cfg)
+
+    @classmethod
+    def check_masking(cls, cfg: Config) -> None:
         if cfg.masking.keep_ratio != 1.0:
             raise ConfigError(
                 f"masking.keep_ratio={cfg.masking.keep_ratio}: {cfg.method} trains on whole "
