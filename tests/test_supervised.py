@@ -14,9 +14,10 @@ from ssl_kd.data import Views, digits, normalize_images, val_split
 from ssl_kd.engine.build import build_method
 from ssl_kd.engine.checkpoint import load_checkpoint
 from ssl_kd.engine.trainer import Trainer, train
-from ssl_kd.errors import ConfigError
+from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.evaluation.classify import evaluate_classifier, topk_hits
 from ssl_kd.methods.base import StepState
+from ssl_kd.models.weights import read_backbone_weights
 from ssl_kd.seeding import generator_for
 from tests.helpers import tiny_config, train_stream, write_digit_folder
 
@@ -131,6 +132,9 @@ def test_a_short_run_learns_and_reports_top1_top5_everywhere(tmp_path, model):
     assert summary["val_top1"] > 20  # 10 classes: chance is 10
     assert summary["val_top5"] >= summary["val_top1"]
     assert ("knn_top1" in summary) == (model == "vit")  # a CNN has no ViT backbone to export
+    if model == "resnet":
+        with pytest.raises(UserError, match="resnet18, which is not a ViT: it has no backbone"):
+            read_backbone_weights(tmp_path / "checkpoint.pth")
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["method/ce_loss"] for line in lines if "method/ce_loss" in line]
     assert sum(losses[-3:]) < sum(losses[:3])

@@ -149,7 +149,7 @@ class Trainer:
             # Where the backbones sit in `method`, so evaluation and export need no method code.
             "backbones": {
                 part: f"{path}.vit." for part, path in self.method_class.backbones.items()
-            },
+            } if self.method.has_vit_backbone else {},
             "default_backbone": self.method_class.default_backbone,
             "totals": self.totals,
             "results": self.results,

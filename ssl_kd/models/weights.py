@@ -210,6 +210,12 @@ def _select(
         method = state["config"]["method"]
         backbones, default = run_backbones(state)
         found.part = part or default
+        if not backbones:
+            raise UserError(
+                f"{path} is an ssl_kd {method} run of {state['config']['model']['name']}, which "
+                "is not a ViT: it has no backbone to evaluate or export (its summary.json holds "
+                "its classification scores)"
+            )
         if found.part not in backbones:
             raise UserError(
                 f"{path} is an ssl_kd {method} run that saves no {found.part} backbone (it "
