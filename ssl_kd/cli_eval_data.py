@@ -1,4 +1,4 @@
-"""What `ssl-kd eval knn | linear | attention` read and write: options checked before any work,
+"""What `ssl-kd eval` reads and writes: the model options, options checked before any work,
 the --data folders checked before the checkpoint is read, the backbone, the labelled splits
 (unreadable images as --on-error says) and the result files."""
 
@@ -10,8 +10,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ssl_kd.errors import UserError
 from ssl_kd.files import write_text_atomic
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping like '{{depth: 4}}'")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --model-kwargs: the timm model, where the checkpoint does not say."""
+    parser.add_argument(
+        "--model", help="timm model name (default: from the checkpoint or export folder)"
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        type=_yaml_mapping,
+        default=None,
+        metavar="YAML",
+        help="timm overrides, e.g. '{patch_size: 4, embed_dim: 96, depth: 4}'",
+    )
 
 
 def check_options(

@@ -218,3 +218,33 @@ def test_the_deit_recipe_builds_deits_own_training_transform(tmp_path):
     )  # fmt: skip
     assert repr(ours) == repr(deit)
     assert "RandAugment" in repr(ours) and "RandomErasing(p=0.25, mode=pixel" in repr(ours)
+
+
+def test_eval_classify_scores_a_run_and_a_timm_file_as_the_run_did(tmp_path, capsys):
+    from ssl_kd.cli import main
+
+    run = tmp_path / "run"
+    summary = train(supervised_config(run, **{"train.max_steps": 3}))
+    assert main(["eval", "classify", str(run / "checkpoint.pth")]) == 0
+    result = json.loads((run / "eval" / "classify_eval.json").read_text())
+    assert result["scores"] == {"top1": summary["val_top1"], "top5": summary["val_top5"]}
+    assert result["data"].startswith("digits (held-out") and result["val_size"] == 360
+    assert "top-1" in capsys.readouterr().out
+
+    # the same weights as a timm state dict: --model names the architecture
+    state = load_checkpoint(run / "checkpoint.pth")["method"]
+    prefix = "student.backbone.vit."
+    timm_file = tmp_path / "timm.pth"
+    torch.save({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, timm_file)
+    args = ["eval", "classify", str(timm_file), "--model", "vit_tiny_patch16_224",
+            "--model-kwargs", "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
+            "--data", "digits", "--img-size", "32",
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / "classify_eval.json").read_text())
+    assert again["scores"] == result["scores"]
+
+    dino = tmp_path / "dino"
+    train(tiny_config(dino, **{"train.max_steps": 1}))
+    assert main(["eval", "classify", str(dino / "checkpoint.pth")]) == 2
+    assert "holds no classifier head (head.weight)" in capsys.readouterr().err

@@ -193,3 +193,67 @@ def load_classifier_weights(classifier: Classifier, path: str | Path) -> str:
         )
     model.load_state_dict(state, strict=True)
     return layout
+
+
+@dataclass
+class ClassifierFile:
+    """What `load_classifier` read: the layout, the model built, and the run's config if any."""
+
+    path: str
+    layout: str
+    model: str
+    model_kwargs: dict[str, Any]
+    img_size: int
+    num_classes: int
+    run_config: dict[str, Any] | None
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.model} {self.model_kwargs or ''} ({self.num_classes} classes) from "
+            f"{self.path} ({self.layout})"
+        )
+
+
+def load_classifier(
+    path: str | Path,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    img_size: int | None = None,
+) -> tuple[Classifier, ClassifierFile]:
+    """The classifier a file holds, every key loaded (see `load_classifier_weights`).
+
+    An ssl_kd run's checkpoint says its model (its student); another file needs `model` (and
+    `model_kwargs`); the number of classes is read from the file's head.
+
+    Raises:
+        UserError: no model named, no head in the file, or keys that do not fit.
+    """
+    run_config = None
+    if Path(path).is_file():
+        state = read_state(Path(path))
+        if isinstance(state, dict) and "method" in state and "config" in state:
+            run_config = state["config"]
+    if run_config is not None and model is None:
+        saved = run_config["model"]
+        model, model_kwargs = saved["name"], dict(saved.get("kwargs") or {})
+        img_size = img_size or int(saved["img_size"])
+    if model is None:
+        raise UserError(f"{path} does not say which timm model it holds: pass --model")
+    model_kwargs = dict(model_kwargs or {})
+    vit = is_vit_model(model)
+    tensors, _ = read_classifier_state(path, vit)
+    head = timm.models.get_pretrained_cfg(model)
+    head_key = f"{head.classifier if head and head.classifier else 'head'}.weight"
+    if head_key not in tensors:
+        raise UserError(
+            f"{path} holds no classifier head ({head_key}): a backbone without its head (a "
+            "DINO/MAE run, an export) cannot classify; evaluate it with `ssl-kd eval knn` or "
+            "`ssl-kd eval linear`"
+        )
+    num_classes = int(tensors[head_key].shape[0])
+    size = img_size or 224
+    classifier = create_classifier(model, size, num_classes, **model_kwargs)
+    layout = load_classifier_weights(classifier, path)
+    return classifier.eval(), ClassifierFile(
+        str(path), layout, model, model_kwargs, size, num_classes, run_config
+    )
