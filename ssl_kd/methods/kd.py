@@ -41,6 +41,7 @@ from ssl_kd.methods.supervised import Supervised, SupervisedConfig, classes_of
 from ssl_kd.models.backbone import check_backbone
 from ssl_kd.models.classifier import (
     Classifier,
+    ClassifierOutput,
     create_classifier,
     create_timm_model,
     is_vit_model,
@@ -197,7 +198,9 @@ class KD(Supervised):
         masked = keep < num_patches
         strategy = masking_strategy(self.masking)
         needs_scores = masked and strategy.startswith("attention")
-        student = self.student_call(images, cls_attention=needs_scores)
+        student = self.student_call(
+            images, cls_attention=needs_scores, return_blocks=self.student_blocks
+        )
 
         # The teacher sees the same (mixed) images, reduced to the patches the student chose.
         with torch.no_grad():
@@ -207,7 +210,8 @@ class KD(Supervised):
                 teacher_images = F.interpolate(
                     images, size=self.teacher_size, mode="bicubic", antialias=True
                 )
-            teacher_logits = self.teacher(teacher_images, keep_idx).logits.float()
+            teacher = self.teacher(teacher_images, keep_idx, return_blocks=self.teacher_blocks)
+        teacher_logits = teacher.logits.float()
 
         student_logits = student.logits.float()
         base = self.classification_loss(student_logits, labels, targets)
@@ -216,7 +220,9 @@ class KD(Supervised):
         else:
             distill = hard_distillation_loss(student_logits, teacher_logits)
         loss = (1 - self.cfg.alpha) * base + self.cfg.alpha * distill
-        metrics: dict[str, float | Tensor] = {
+        features, metrics = self.feature_loss(student, teacher, keep_idx, state)
+        loss = loss + features
+        metrics |= {
             "ce_loss": base.item(),
             "distill_loss": distill.item(),
             "keep_ratio": keep_ratio,
@@ -235,6 +241,21 @@ class KD(Supervised):
             images=batch,
             keep_ratio=keep_ratio,
         )
+
+    # Feature distillation (subclasses): the blocks whose raw outputs each network returns.
+    student_blocks: tuple[int, ...] = ()
+    teacher_blocks: tuple[int, ...] = ()
+
+    def feature_loss(
+        self, student: ClassifierOutput, teacher: ClassifierOutput, keep_idx: Tensor | None,
+        state: StepState,
+    ) -> tuple[Tensor | float, dict[str, float | Tensor]]:  # fmt: skip
+        """Feature terms added to the loss, and their metrics; plain logit distillation: none.
+
+        `keep_idx` [B, k]: the patches the teacher saw (None: all), so that features are
+        aligned on the tokens the teacher has.
+        """
+        return 0.0, {}
 
     def teacher_patches(
         self, cls_attention: Tensor | None, keep: int, state: StepState, images: Tensor

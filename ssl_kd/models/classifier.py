@@ -12,7 +12,8 @@ state dict or a `.safetensors` file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from ssl_kd.models.weights import read_state
 
 @dataclass
 class ClassifierOutput:
-    """logits [B, K]; cls_attention [B, H, N_kept]: the last block's [CLS]→patch attention of a
-    ViT, when asked."""
+    """logits [B, K]; for a ViT, when asked: cls_attention [B, H, N_kept], the last block's
+    [CLS]→patch attention; tokens [B, P + N_kept, D] after the final norm; block_outputs: raw
+    outputs [B, P + N_kept, D] of the requested blocks (feature distillation)."""
 
     logits: Tensor
     cls_attention: Tensor | None = None
+    tokens: Tensor | None = None
+    block_outputs: dict[int, Tensor] = field(default_factory=dict)
 
 
 class Classifier(nn.Module):
@@ -76,18 +80,23 @@ class Classifier(nn.Module):
         return self.backbone.vit if isinstance(self.backbone, ViTBackbone) else self.backbone
 
     def forward(
-        self, images: Tensor, keep_idx: Tensor | None = None, *, cls_attention: bool = False
-    ) -> ClassifierOutput:
+        self, images: Tensor, keep_idx: Tensor | None = None, *, cls_attention: bool = False,
+        return_blocks: Sequence[int] = (),
+    ) -> ClassifierOutput:  # fmt: skip
         """images [B, C, H, W] → logits [B, K]; a ViT sees only the patches `keep_idx` [B, k]
-        keeps (None: all) and returns its [CLS] attention if asked."""
+        keeps (None: all) and returns its [CLS] attention, its tokens and the outputs of
+        `return_blocks` if asked."""
         if isinstance(self.backbone, ViTBackbone):
-            out = self.backbone(images, keep_idx, cls_attention=cls_attention)
+            out = self.backbone(
+                images, keep_idx, cls_attention=cls_attention, return_blocks=return_blocks
+            )
             vit = self.backbone.vit
-            return ClassifierOutput(vit.head(vit.head_drop(out.cls)), out.cls_attention)
-        if keep_idx is not None or cls_attention:
+            logits = vit.head(vit.head_drop(out.cls))
+            return ClassifierOutput(logits, out.cls_attention, out.tokens, out.block_outputs)
+        if keep_idx is not None or cls_attention or return_blocks:
             raise ValueError(
-                f"{type(self.backbone).__name__} is not a ViT: it has no patches to mask and "
-                "no [CLS] attention"
+                f"{type(self.backbone).__name__} is not a ViT: it has no patches to mask, no "
+                "[CLS] attention and no blocks of tokens"
             )
         return ClassifierOutput(self.backbone(images))
 
