@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ssl_kd.cli_eval import add_eval_commands, add_model_arguments, add_strict_argument
+from ssl_kd.cli_eval import add_eval_commands, add_strict_argument
+from ssl_kd.cli_eval_data import add_model_arguments
 from ssl_kd.errors import Interrupted, UserError
 
 TRAIN_HELP = """\

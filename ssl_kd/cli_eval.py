@@ -1,16 +1,17 @@
-"""`ssl-kd eval knn | linear | attention`: thin front-ends over `ssl_kd.evaluation`."""
+"""`ssl-kd eval knn | linear | attention | classify`: thin front-ends over `ssl_kd.evaluation`."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ssl_kd.cli_eval_classify import add_classify_command, classify_model_options
 from ssl_kd.cli_eval_data import (
+    add_model_arguments,
     check_data_options,
     check_options,
     eval_data_splits,
@@ -38,12 +39,12 @@ dropped), an official MAE checkpoint ({"model": ...}) or a timm state dict. The 
 from the export folder's config.json, the run's saved config or the official args; give
 --model otherwise.
 
-DATA: 'digits' (the run's held-out split, same seed) or a folder with train/ and val/
-ImageFolders (checked before the checkpoint is read). Default: what the run was trained on
-(digits) — required otherwise. An unreadable image (truncated, not an image) is left out of its
-split with its label, named on stderr and listed in the JSON, and the scores are over the
-readable images (--on-error error stops at it instead, exit 1; more than --max-bad-fraction of
-a split unreadable stops too).
+DATA: 'digits' or 'cluttered_digits' (the run's held-out split, same seed) or a folder with
+train/ and val/ ImageFolders (checked before the checkpoint is read). Default: what the run was
+trained on (bundled data) — required otherwise. An unreadable image (truncated, not an image) is
+left out of its split with its label, named on stderr and listed in the JSON, and the scores are
+over the readable images (--on-error error stops at it instead, exit 1; more than
+--max-bad-fraction of a split unreadable stops too).
 
   ssl-kd eval knn runs/demo/checkpoint.pth
   ssl-kd eval knn runs/demo/export                   # an export folder: no --model needed
@@ -91,13 +92,6 @@ randomly initialised backbone.
 """
 
 
-def _yaml_mapping(text: str) -> dict[str, Any]:
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping like '{{depth: 4}}'")
-    return value
-
-
 def _boolean(text: str) -> bool:
     value = text.lower()
     if value not in ("true", "false"):
@@ -116,20 +110,6 @@ def add_strict_argument(parser: argparse.ArgumentParser, relaxed: str) -> None:
     )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and --model-kwargs: the timm model, where the checkpoint does not say."""
-    parser.add_argument(
-        "--model", help="timm model name (default: from the checkpoint or export folder)"
-    )
-    parser.add_argument(
-        "--model-kwargs",
-        type=_yaml_mapping,
-        default=None,
-        metavar="YAML",
-        help="timm overrides, e.g. '{patch_size: 4, embed_dim: 96, depth: 4}'",
-    )
-
-
 def _model_args(parser: argparse.ArgumentParser) -> None:
     add_strict_argument(parser, "load the tensors that fit (missing keys keep their init)")
     parser.add_argument(
@@ -141,14 +121,18 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    _model_args(parser)
+def _data_args(
+    parser: argparse.ArgumentParser, model_options: Callable[[Any], None] = _model_args
+) -> None:
+    model_options(parser)
     parser.add_argument("checkpoint", help="checkpoint, state dict or export folder (see above)")
-    parser.add_argument("--data", help="'digits' or a folder with train/ and val/")
+    parser.add_argument(
+        "--data", help="'digits', 'cluttered_digits' or a folder with train/ and val/"
+    )
     parser.add_argument("--img-size", type=int, help="default: the run's global crop size")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
-        "--num-workers", type=int, default=None, help="default: 0 for digits, else 8"
+        "--num-workers", type=int, default=None, help="default: 0 for bundled data, else 8"
     )
     parser.add_argument("--output-dir", help="default: CHECKPOINT's folder/eval")
     parser.add_argument(
@@ -168,8 +152,11 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_commands(commands: Any) -> None:
-    """Adds `eval` with its knn / linear / attention sub-commands to the `ssl-kd` parser."""
-    evaluate = commands.add_parser("eval", help="k-NN, linear probe, attention pictures")
+    """Adds `eval` with its knn / linear / attention / classify sub-commands to the `ssl-kd`
+    parser."""
+    evaluate = commands.add_parser(
+        "eval", help="k-NN, linear probe, attention pictures, classification"
+    )
     kinds = evaluate.add_subparsers(dest="eval_command", required=True)
 
     knn = kinds.add_parser(
@@ -222,6 +209,8 @@ def add_eval_commands(commands: Any) -> None:
     attention.add_argument("--img-size", type=int, default=224)
     attention.add_argument("--out", help="output folder (default: CHECKPOINT's folder/eval)")
     attention.set_defaults(run=_attention)
+
+    add_classify_command(kinds, lambda parser: _data_args(parser, classify_model_options))
 
 
 def _knn(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""What `ssl-kd eval knn | linear | attention` read and write: options checked before any work,
+"""What `ssl-kd eval` reads and writes: the model options, options checked before any work,
 the --data folders checked before the checkpoint is read, the backbone, the labelled splits
 (unreadable images as --on-error says) and the result files."""
 
@@ -10,8 +10,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ssl_kd.errors import UserError
 from ssl_kd.files import write_text_atomic
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping like '{{depth: 4}}'")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --model-kwargs: the timm model, where the checkpoint does not say."""
+    parser.add_argument(
+        "--model", help="timm model name (default: from the checkpoint or export folder)"
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        type=_yaml_mapping,
+        default=None,
+        metavar="YAML",
+        help="timm overrides, e.g. '{patch_size: 4, embed_dim: 96, depth: 4}'",
+    )
 
 
 def check_options(
@@ -60,11 +83,12 @@ def load_backbone_of(args: argparse.Namespace, path: str) -> tuple[Any, Any]:
 
 
 def open_data(args: argparse.Namespace) -> Any:
-    """The --data folders, scanned and checked before any checkpoint is read (None: digits, or
-    the run's data, known once the checkpoint is)."""
+    """The --data folders, scanned and checked before any checkpoint is read (None: bundled
+    data, or the run's data, known once the checkpoint is)."""
+    from ssl_kd.data.bundled import is_bundled
     from ssl_kd.data.splits import open_eval_folders
 
-    if args.data is None or args.data == "digits":
+    if args.data is None or is_bundled(args.data):
         return None
     return open_eval_folders(args.data)
 
@@ -72,15 +96,17 @@ def open_data(args: argparse.Namespace) -> Any:
 def eval_data_splits(
     args: argparse.Namespace, report: Any, patch_size: int, folders: Any, augment: bool = False
 ) -> Any:
-    """The labelled splits to evaluate on: `folders` (opened by `open_data`), --data digits, or
-    the run's own data (digits) when --data is not given; at --img-size or the run's size."""
+    """The labelled splits to evaluate on: `folders` (opened by `open_data`), --data digits (or
+    cluttered_digits), or the run's own bundled data when --data is not given; at --img-size or
+    the run's size."""
     from ssl_kd.data.batches import UnreadableImages
+    from ssl_kd.data.bundled import is_bundled
     from ssl_kd.data.splits import eval_splits
 
     run = report.run_config or {}
     data = folders or args.data
-    if data is None and run.get("data", {}).get("name") == "digits":
-        data = "digits"
+    if data is None and is_bundled(run.get("data", {}).get("name")):
+        data = run["data"]["name"]
     if data is None:
         raise UserError(f"{args.checkpoint}: pass --data digits or --data ROOT (train/, val/)")
     img_size = args.img_size or run.get("data", {}).get("global_crop_size") or report.img_size
@@ -95,7 +121,7 @@ def eval_data_splits(
         data, img_size, seed=seed, test_fraction=fraction, augment=augment, unreadable=unreadable
     )
     if args.num_workers is None:
-        args.num_workers = 0 if data == "digits" else min(8, os.cpu_count() or 1)
+        args.num_workers = 0 if is_bundled(data) else min(8, os.cpu_count() or 1)
     print(
         f"data: {splits.description}, {len(splits.train_labels)} train / "
         f"{len(splits.val_labels)} val images at {img_size} px"

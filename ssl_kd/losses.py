@@ -1,4 +1,5 @@
-"""Losses no dependency provides: MAE's pixel loss, DMAE's feature alignment."""
+"""Losses no dependency provides: MAE's pixel loss, DMAE's feature alignment, logit
+distillation (soft and hard)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,31 @@ def feature_alignment_loss(projected_student: Tensor, teacher: Tensor) -> Tensor
             projected to the teacher's width.
     """
     return F.l1_loss(F.normalize(projected_student, dim=-1), F.normalize(teacher, dim=-1))
+
+
+def soft_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    """Hinton's soft-target term as MaskedKD's code weighs it (arXiv:2302.10494; DeiT's
+    `DistillationLoss`, arXiv:2012.12877): τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), summed over the
+    classes and averaged over the batch.
+
+    Args:
+        student_logits, teacher_logits: [B, K].
+    """
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / tau, dim=-1),
+            F.log_softmax(teacher_logits / tau, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * tau**2
+    )
+
+
+def hard_distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """DeiT's hard distillation: cross-entropy against the teacher's top class.
+
+    Args:
+        student_logits, teacher_logits: [B, K].
+    """
+    return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))

@@ -60,20 +60,31 @@ def check(cfg: Config) -> None:
     method = _method(cfg.method)
     method.resolve_defaults(cfg)
     cfg.check()
-    check_model(cfg)
+    check_model(cfg, any_timm_model=method.any_timm_model)
     method.check(cfg)
     _check_crops(cfg, multi_crop=method.views == Views.MULTI_CROP)
     check_batch(cfg.data, cfg.train.batch_size, world_size_from_env())
 
 
-def check_model(cfg: Config) -> None:
+def check_model(cfg: Config, any_timm_model: bool = False) -> None:
     """The student timm builds from the `model` section, built on the meta device (no memory,
-    no init work): a name that is not a ViT, a keyword timm refuses, a width not divisible by
-    the heads or an image smaller than a patch fails here, before any work."""
+    no init work): a name that is not a ViT (unless the method takes `any_timm_model`), a
+    keyword timm refuses, a width not divisible by the heads or an image smaller than a patch
+    fails here, before any work."""
+    import torch
+
     from ssl_kd.errors import UserError
     from ssl_kd.models.backbone import check_backbone
+    from ssl_kd.models.classifier import create_timm_model, is_vit_model
 
     model = cfg.model
+    try:
+        if any_timm_model and not is_vit_model(model.name):
+            with torch.device("meta"):
+                create_timm_model(model.name, **dict(model.kwargs))
+            return
+    except UserError as err:
+        raise ConfigError(f"model.name / model.kwargs: {err}") from None
     try:
         backbone = check_backbone(model.name, model.img_size, **dict(model.kwargs))
     except UserError as err:

@@ -126,4 +126,7 @@ def test_bad_data_is_refused_before_the_checkpoint_is_read(tmp_path, weights, mo
         ) in err
         assert err.count("\n") == 1
     assert main(eval_args("knn", weights, tmp_path / "data" / "train", tmp_path / "out")) == 2
-    assert "expected 'digits' or a folder with train/ and val/" in capsys.readouterr().err
+    assert (
+        "expected 'digits', 'cluttered_digits' or a folder with train/ and val/"
+        in capsys.readouterr().err
+    )

@@ -17,6 +17,7 @@ from ssl_kd.data import (
 )
 from ssl_kd.engine.trainer import Trainer
 from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.seeding import generator_for
 from tests.helpers import tiny_config, train_stream, write_digit_folder
 
 SPEC = MultiCropSpec(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
@@ -64,6 +65,22 @@ def test_epoch_permutation_resumes_at_a_batch():
     assert resumed == full[40:96]  # drop_last: 12 batches of 8
     ranks = [EpochPermutation(100, 8, 0, 3, rank=r, num_replicas=2).indices for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_repeated_augmentation_spreads_each_images_copies_over_the_ranks():
+    """DeiT's RASampler: the epoch's permutation with each index repeated 3 times in a row,
+    every rank taking every other index, as many per rank as without repeats."""
+    permutation = torch.randperm(100, generator=generator_for(0, "order", 4))
+    repeated = permutation.repeat_interleave(3)
+    ranks = [
+        EpochPermutation(100, 5, 0, 4, rank=r, num_replicas=2, repeats=3).indices for r in (0, 1)
+    ]
+    assert ranks == [repeated[r::2][:50].tolist() for r in (0, 1)]
+    counts = torch.bincount(torch.tensor(ranks[0] + ranks[1]), minlength=100)
+    assert set(counts.tolist()) <= {0, 1, 2, 3} and (counts == 3).sum() >= 32
+    # the copies of one image sit at neighbouring positions of the two ranks' orders
+    assert ranks[0][:3] == [int(permutation[0]), int(permutation[0]), int(permutation[1])]
+    assert ranks[1][:3] == [int(permutation[0]), int(permutation[1]), int(permutation[1])]
 
 
 def test_image_folder_and_flat_folder(tmp_path):

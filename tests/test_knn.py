@@ -104,4 +104,7 @@ def test_cli_on_an_imagefolder_with_train_and_val(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "linear_dino" / "linear_eval.json").read_text())
     assert result["augmentation"] and not result["cached_features"]
     assert main(["eval", "knn", str(weights), *common[:4], "--data", str(tmp_path)]) == 2
-    assert "expected 'digits' or a folder with train/ and val/" in capsys.readouterr().err
+    assert (
+        "expected 'digits', 'cluttered_digits' or a folder with train/ and val/"
+        in capsys.readouterr().err
+    )

@@ -62,6 +62,26 @@ DMAE_B_FROM_L: dict[str, Any] = {
 }  # fmt: skip
 
 
+# facebookresearch/deit README_deit.md "Training" for DeiT-S: `--nproc_per_node=4 main.py
+# --model deit_small_patch16_224 --batch-size 256`, every other argument at main.py's default
+# (datasets.build_transform for the crop and flip: timm's create_transform defaults).
+DEIT_S: dict[str, Any] = {
+    "method": "supervised", "model.name": "deit_small_patch16_224", "model.img_size": 224,
+    "model.drop_path_rate": 0.1, "data.global_crop_size": 224,
+    "data.global_crop_scale": [0.08, 1.0], "data.hflip_prob": 0.5,
+    "data.repeated_augmentation": 3, "data.num_workers": 10,
+    "supervised.num_classes": 1000, "supervised.smoothing": 0.1, "supervised.mixup": 0.8,
+    "supervised.cutmix": 1.0, "supervised.mixup_prob": 1.0, "supervised.mixup_switch_prob": 0.5,
+    "supervised.mixup_mode": "batch", "supervised.auto_augment": "rand-m9-mstd0.5-inc1",
+    "supervised.color_jitter": 0.3, "supervised.interpolation": "bicubic",
+    "supervised.random_erasing": 0.25, "supervised.random_erasing_mode": "pixel",
+    "supervised.random_erasing_count": 1, "supervised.clip_grad": 0.0,
+    "optim.name": "adamw", "optim.betas": [0.9, 0.999], "optim.min_lr": 1e-5,
+    "optim.warmup_epochs": 5, "optim.weight_decay": 0.05, "optim.weight_decay_end": 0.05,
+    "train.epochs": 300, "train.seed": 0, "masking.keep_ratio": 1.0,
+}  # fmt: skip
+
+
 @dataclass
 class Recipe:
     official: dict[str, Any]
@@ -83,10 +103,12 @@ RECIPES = {
         peak_lr=2.4e-3,
         teacher_file="mae_visualize_vit_large.pth",
     ),
+    # DeiT scales its lr per 512 images: 5e-4 × 1024 / 512.
+    "deit_s16_supervised.yaml": Recipe(DEIT_S, processes=4, global_batch=1024, peak_lr=1e-3),
 }
 CLAIM = re.compile(r"→ ([a-z_]+(?:\.[a-z_]+)+): (.+?)(?: \(|$)", re.MULTILINE)
 # Keys the test points at local files (the recipes name placeholders): compared in the YAML only.
-LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint")
+LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint", "eval.val_path")
 
 
 def header(path: Path) -> str:
@@ -107,7 +129,11 @@ def loaded(path: Path, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     raw = flatten(yaml.safe_load(path.read_text()), free)
     teacher = tmp_path / "teacher.pth"
     teacher.touch()
-    overrides = [f"data.path={tmp_path}", f"dmae.teacher_checkpoint={teacher}"]
+    overrides = [
+        f"data.path={tmp_path}",
+        f"dmae.teacher_checkpoint={teacher}",
+        f"eval.val_path={tmp_path}",
+    ]
     return raw, flatten(to_dict(load_config(path, overrides)), free)
 
 

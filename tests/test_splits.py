@@ -48,8 +48,8 @@ def test_trainer_knn_split_is_the_eval_split_of_digits(tmp_path, seed, fraction,
 
 def test_trainer_knn_scores_the_held_out_digits(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, **{"eval.knn_k": 5}))
-    result = trainer.knn()
-    assert result is not None
+    result = trainer.evaluator.run(knn=True, classify=False)
+    assert result
     backbone = trainer.method.export_backbone()
     train_x, train_y, val_x, val_y = digits(0)
     train = extract_features(backbone, normalize_images(train_x).split(256))
@@ -77,8 +77,8 @@ def test_knn_folders_give_their_class_labels(tmp_path):
     assert splits.train_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert splits.val_labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert all_images(splits.val).shape == (6, 3, 32, 32)
-    result = Trainer(cfg).knn()
-    assert result is not None and 0 <= result["knn_top1"] <= 100
+    result = Trainer(cfg).evaluator.run(knn=True, classify=False)
+    assert result and 0 <= result["knn_top1"] <= 100
     cfg.eval.knn_val_path = None
     assert knn_splits(cfg.data, cfg.eval, cfg.train.seed) is None  # no labels: no k-NN
 
@@ -112,8 +112,8 @@ def test_trainer_knn_skips_an_unreadable_image_as_data_on_error_says(tmp_path, c
     bad.write_bytes(b"\x89PNG\r\n\x1a\n")  # 1 of 13: under data.max_bad_fraction=0.1
     cfg = folder_config(tmp_path, tmp_path / "train", tmp_path / "val")
     trainer = Trainer(cfg)
-    assert trainer.knn() is not None
+    assert trainer.evaluator.run(knn=True, classify=False)
     assert f"data.on_error=skip): cannot read image {bad}" in capsys.readouterr().err
     cfg.data.on_error = "error"
     with pytest.raises(DataError, match=f"{bad}.*val split; data.on_error=skip leaves it out"):
-        trainer.knn()
+        trainer.evaluator.run(knn=True, classify=False)

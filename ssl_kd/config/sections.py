@@ -10,7 +10,9 @@ from typing import Any
 
 from ssl_kd.errors import ConfigError
 
-DATASETS = ("digits", "imagefolder")
+# The bundled data sets (ssl_kd.data.bundled, generated in memory) and image folders.
+BUNDLED_DATASETS = ("digits", "cluttered_digits")
+DATASETS = (*BUNDLED_DATASETS, "imagefolder")
 TRANSFORMS = ("lightly", "batched")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -104,8 +106,12 @@ class DataConfig:
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     hflip_prob: float = 0.5
+    # DeiT's repeated augmentation: each image of an epoch's shuffled order appears this many
+    # times in a row, the copies on different ranks; an epoch keeps its number of samples (1/r
+    # of the images, each r times). 1: off (DeiT: 3).
+    repeated_augmentation: int = 1
     num_workers: int = 8
-    test_fraction: float = 0.2  # digits only: held-out split for k-NN
+    test_fraction: float = 0.2  # bundled data only: the held-out split for evaluation
     # An unreadable image: skip (log it once, count it, train on the next readable image in
     # its place) or error (stop; the last checkpoint is kept).
     on_error: str = "skip"
@@ -126,6 +132,7 @@ class DataConfig:
             {
                 "data.global_crop_size": self.global_crop_size,
                 "data.local_crop_size": self.local_crop_size,
+                "data.repeated_augmentation": self.repeated_augmentation,
             }
         )
         check_not_negative(
@@ -140,7 +147,8 @@ class DataConfig:
             if not self.path:
                 raise ConfigError(
                     "data.path is not set: point it at an ImageFolder root (or a flat image "
-                    "folder), or use data.name=digits for the bundled demo data"
+                    "folder), or use data.name=digits (or cluttered_digits) for the bundled "
+                    "demo data"
                 )
             if not Path(self.path).is_dir():
                 raise ConfigError(f"data.path={self.path} is not a folder")
@@ -250,9 +258,14 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_random_init: bool = False  # also score the untrained backbone (a baseline)
     batch_size: int = 256
-    # Labelled ImageFolders for k-NN with data.name=imagefolder (digits has its own split).
+    # Labelled ImageFolders for k-NN with data.name=imagefolder (bundled data has its own split).
     knn_train_path: str | None = None
     knn_val_path: str | None = None
+    # Top-1/top-5 of the method's classifier (supervised, kd) on the validation split: the
+    # bundled data's held-out split, or eval.val_path (an ImageFolder with data.path's classes).
+    classify_every_epochs: int = 0  # 0: only at the end (if classify_at_end)
+    classify_at_end: bool = True
+    val_path: str | None = None
     # Pictures of what the method does (DINO: attention and the masked teacher's input; MAE:
     # reconstructions) to TensorBoard every N steps; 0: never.
     pictures_every_steps: int = 0
@@ -262,8 +275,15 @@ class EvalConfig:
             raise ConfigError(
                 f"eval.pictures_every_steps={self.pictures_every_steps} must be >= 0 (0: never)"
             )
-        check_not_negative({"eval.knn_every_epochs": self.knn_every_epochs})
+        check_not_negative(
+            {
+                "eval.knn_every_epochs": self.knn_every_epochs,
+                "eval.classify_every_epochs": self.classify_every_epochs,
+            }
+        )
         check_positive({"eval.knn_k": self.knn_k, "eval.batch_size": self.batch_size})
+        if self.val_path is not None and not Path(self.val_path).is_dir():
+            raise ConfigError(f"eval.val_path={self.val_path} is not a folder")
         if not math.isfinite(self.knn_temperature) or self.knn_temperature <= 0:
             raise ConfigError(f"eval.knn_temperature={self.knn_temperature} must be > 0")
 

@@ -91,14 +91,19 @@ class LabelledImageFolder(datasets.ImageFolder):
         self.description = f"ImageFolder, {len(self.classes)} classes, {len(self.samples)} images"
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(
+        classes = self.find_classes_of(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    @staticmethod
+    def find_classes_of(directory: str | Path) -> list[str]:
+        """The class folders' names, sorted (their indices are the labels); hidden ones left out."""
+        return sorted(
             entry.name
             for entry in os.scandir(directory)
             if entry.is_dir() and not is_hidden(entry.name)
         )
-        if not classes:
-            raise FileNotFoundError(f"no class folder in {directory}")
-        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def has_class_folders(root: str | Path) -> bool:
@@ -150,21 +155,28 @@ def digits(seed: int, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tenso
         test_labels [M]; the split is stratified and fixed by `seed`.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8]
     images = F.interpolate(images, size=DIGITS_SIZE, mode="bilinear", align_corners=False)
     images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = stratified_split(labels, seed, test_fraction)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+def stratified_split(labels: Tensor, seed: int, test_fraction: float) -> tuple[Tensor, Tensor]:
+    """(train indices, test indices) of a stratified split fixed by `seed`, the test part rounded
+    up (scikit-learn's train_test_split): the one split rule of the bundled data sets."""
+    from sklearn.model_selection import train_test_split
+
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(),
         test_size=test_fraction,
         random_state=seed,
         stratify=labels.numpy(),
     )
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+    return torch.from_numpy(train_idx), torch.from_numpy(test_idx)
 
 
 class TensorImages(Dataset):
@@ -193,16 +205,19 @@ class TensorImages(Dataset):
 
 
 class TensorImagesAsPIL(Dataset):
-    """In-memory images [N, 3, H, W] in [0, 1] served as PIL images through `transform`, label
-    0: runs lightly's per-image transforms on the digits."""
+    """In-memory images [N, 3, H, W] in [0, 1] served as PIL images through `transform`, with
+    their `labels` (default: label 0): runs per-image transforms (lightly's, timm's) on the
+    bundled data."""
 
-    def __init__(self, images: Tensor, transform: Callable) -> None:
+    def __init__(self, images: Tensor, transform: Callable, labels: Tensor | None = None) -> None:
         self.images = images
         self.transform = transform
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         array = (self.images[index].permute(1, 2, 0) * 255).round().byte().numpy()
-        return self.transform(Image.fromarray(array)), 0
+        label = 0 if self.labels is None else int(self.labels[index])
+        return self.transform(Image.fromarray(array)), label

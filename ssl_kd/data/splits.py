@@ -1,9 +1,12 @@
-"""Labelled train/val splits for evaluation: the bundled digits or a pair of ImageFolders.
+"""Labelled train/val splits for evaluation: bundled data (digits, cluttered digits) or a pair of
+ImageFolders.
 
 `ssl-kd eval` and the trainer's k-NN read the same splits: `eval_splits` takes a root holding
 `train/` and `val/` (one sub-folder per class in each, the layout of ImageNet's usual copy);
 `knn_splits` takes a run's config, with the two folders named by eval.knn_train_path and
-eval.knn_val_path. The digits split is the one the training run held out (same seed).
+eval.knn_val_path. A bundled split is the one the training run held out (same seed).
+`val_split` is the labelled split a training run scores its classifier on (top-1/top-5): the
+held-out bundled split, or the ImageFolder eval.val_path with data.path's classes.
 `open_eval_folders` scans and checks a root's folders on their own, so that `ssl-kd eval` can
 refuse bad data before it loads a checkpoint. Unreadable images are left out of a split as
 `EvalSplits.unreadable` says (data/batches.py).
@@ -22,10 +25,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ssl_kd.data.batches import ImageBatches, UnreadableImages
+from ssl_kd.data.bundled import bundled_splits, is_bundled
 from ssl_kd.data.datasets import (
     LabelledImageFolder,
     TensorImages,
-    digits,
     has_class_folders,
     is_image_folder,
 )
@@ -81,7 +84,8 @@ def eval_splits(
     data: str | LabelledFolders, img_size: int, *, seed: int = 0, test_fraction: float = 0.2,
     augment: bool = False, unreadable: UnreadableImages | None = None,
 ) -> EvalSplits:  # fmt: skip
-    """`digits`, an ImageFolder root with train/ and val/, or such folders already opened.
+    """A bundled data set's name (`digits`, `cluttered_digits`), an ImageFolder root with
+    train/ and val/, or such folders already opened.
 
     Args:
         augment: random resized crops (and flips, except on digits) for the train split, DINO's
@@ -89,15 +93,16 @@ def eval_splits(
         unreadable: the policy for unreadable images (default: skip, up to 10% of a split).
     """
     policy = unreadable or UnreadableImages()
-    if data == "digits":
-        train_x, train_y, val_x, val_y = digits(seed, test_fraction)
+    if is_bundled(data):
+        assert isinstance(data, str)
+        train_x, train_y, val_x, val_y = bundled_splits(data, seed, test_fraction)
         crop = T.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True) if augment else None
         return EvalSplits(
             TensorImages(train_x, train_y, img_size, crop),
             TensorImages(val_x, val_y, img_size),
             train_y,
             val_y,
-            f"digits (held-out {test_fraction:.0%}, seed {seed})",
+            f"{data} (held-out {test_fraction:.0%}, seed {seed})",
             augment,
             policy,
         )
@@ -116,7 +121,8 @@ def open_eval_folders(root: str | Path) -> LabelledFolders:
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(
-            f"--data {root}: expected 'digits' or a folder with train/ and val/ ImageFolders "
+            f"--data {root}: expected 'digits', 'cluttered_digits' or a folder with train/ and "
+            "val/ ImageFolders "
             "(one sub-folder per class in each)"
         )
     return _open_folders(root / "train", root / "val", f"ImageFolder {root}")
@@ -126,7 +132,7 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
     """The labelled splits a training run scores k-NN on, at data.global_crop_size.
 
     Returns:
-        the digits split the run held out (`eval_splits("digits", ...)`); else the ImageFolders
+        the bundled split the run held out (`eval_splits(data.name, ...)`); else the ImageFolders
         eval.knn_train_path / eval.knn_val_path when both are set; else None (no labels).
         Unreadable images are skipped or stop the run as data.on_error says.
 
@@ -136,8 +142,8 @@ def knn_splits(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> EvalSplits 
         UserError: the two folders' classes differ (named).
     """
     size = data.global_crop_size
-    if data.name == "digits":
-        return eval_splits("digits", size, seed=seed, test_fraction=data.test_fraction)
+    if is_bundled(data.name):
+        return eval_splits(data.name, size, seed=seed, test_fraction=data.test_fraction)
     if not (eval_cfg.knn_train_path and eval_cfg.knn_val_path):
         return None
     folders = {
@@ -206,3 +212,57 @@ def _transformed(
         augment,
         unreadable,
     )
+
+
+@dataclass
+class ValSplit:
+    """One labelled split: (image [3, S, S], label) items, their labels [N], and the policy for
+    unreadable images."""
+
+    dataset: Dataset
+    labels: Tensor
+    description: str
+    unreadable: UnreadableImages = field(default_factory=UnreadableImages)
+
+    def batches(self, batch_size: int, num_workers: int = 0) -> ImageBatches:
+        return ImageBatches(self.dataset, batch_size, None, num_workers, self.unreadable, "val")
+
+
+def val_split(data: DataConfig, eval_cfg: EvalConfig, seed: int) -> ValSplit | None:
+    """The split a training run scores its classifier on, at data.global_crop_size: the bundled
+    split the run held out, the ImageFolder eval.val_path (whose class folders must be those of
+    data.path: labels are class indices), or None (no eval.val_path).
+
+    Raises:
+        ConfigError: eval.val_path is not a labelled ImageFolder.
+        UserError: its classes differ from data.path's (named).
+    """
+    size = data.global_crop_size
+    if is_bundled(data.name):
+        splits = eval_splits(data.name, size, seed=seed, test_fraction=data.test_fraction)
+        return ValSplit(splits.val, splits.val_labels, splits.description)
+    if not eval_cfg.val_path:
+        return None
+    folder = Path(eval_cfg.val_path)
+    if not folder.is_dir() or not is_image_folder(folder):
+        raise ConfigError(
+            f"eval.val_path={folder} is not a labelled ImageFolder (one sub-folder per class, "
+            "no image at the top)"
+        )
+    assert data.path is not None
+    trained, held_out = (LabelledImageFolder.find_classes_of(p) for p in (data.path, folder))
+    if trained != held_out:
+        raise UserError(
+            f"eval.val_path={folder} must hold the class folders of data.path={data.path} "
+            f"(labels are class indices): only in data.path: "
+            f"{key_list(sorted(set(trained) - set(held_out)))}; only in eval.val_path: "
+            f"{key_list(sorted(set(held_out) - set(trained)))}"
+        )
+    try:
+        val = LabelledImageFolder(folder, eval_transform(size))
+    except FileNotFoundError as err:  # a class folder without images
+        raise UserError(f"eval.val_path={folder}: {err}") from None
+    policy = UnreadableImages(
+        data.on_error, data.max_bad_fraction, "data.on_error=skip", "data.max_bad_fraction"
+    )
+    return ValSplit(val, torch.tensor(val.targets), f"ImageFolder {folder}", policy)

@@ -13,15 +13,23 @@ import math
 import random
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ssl_kd.data.datasets import TensorImagesAsPIL, digits, digits_train_size, image_dataset
+from ssl_kd.data.bundled import NUM_CLASSES, bundled_splits, is_bundled
+from ssl_kd.data.datasets import (
+    LabelledImageFolder,
+    TensorImagesAsPIL,
+    digits_train_size,
+    image_dataset,
+    is_image_folder,
+)
 from ssl_kd.data.images import DataError
 from ssl_kd.data.transforms import (
     BatchedMultiCrop,
@@ -37,11 +45,14 @@ if TYPE_CHECKING:  # the config imports this package's dataset facts: no import 
 
 
 class Views(enum.Enum):
-    """The views a method trains on, each [B, C, H, W]. (A `LABELLED` kind, images with their
-    labels for supervised distillation, is meant to join these.)"""
+    """What a method trains on: views [B, C, H, W] of each image, or images with labels."""
 
     MULTI_CROP = "multi_crop"  # DINO: 2 global + data.num_local_views local crops
     SINGLE_CROP = "single_crop"  # MAE: one random resized crop of the global size
+    # Supervised training and distillation: [images [B, C, H, W], labels [B] (int64)], one
+    # augmented view of each image (the method's transform on image folders, a random resized
+    # crop with flips and jitter on the bundled data).
+    LABELLED = "labelled"
 
 
 class EpochPermutation(Sampler[int]):
@@ -49,14 +60,21 @@ class EpochPermutation(Sampler[int]):
 
     With `num_replicas > 1` each rank takes every num_replicas-th index of the same permutation,
     as DistributedSampler does; the last incomplete batch is dropped.
+
+    `repeats > 1` is DeiT's repeated augmentation (its RASampler): each index of the permutation
+    is repeated that many times in a row before the ranks take their share, so the copies of an
+    image land on different ranks (and get different crops); each rank still takes size /
+    num_replicas indices, so an epoch holds size / repeats distinct images.
     """
 
     def __init__(
         self, size: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-        rank: int = 0, num_replicas: int = 1,
+        rank: int = 0, num_replicas: int = 1, repeats: int = 1,
     ) -> None:  # fmt: skip
         permutation = torch.randperm(size, generator=generator_for(seed, "order", epoch))
         per_rank = size // num_replicas
+        if repeats > 1:
+            permutation = permutation.repeat_interleave(repeats)
         mine = permutation[rank : per_rank * num_replicas : num_replicas]
         usable = (len(mine) // batch_size) * batch_size
         self.indices = mine[start_batch * batch_size : usable].tolist()
@@ -131,13 +149,17 @@ def collate_samples(items: list[tuple[object, int, str]]) -> tuple[object, objec
 
 
 class TensorMultiCropStream:
-    """In-memory images [N, 3, H, W], multi-cropped a whole batch at a time."""
+    """In-memory images [N, 3, H, W], multi-cropped a whole batch at a time; with `labels` [N]
+    each batch is [its first view, its labels] (`Views.LABELLED`)."""
 
     def __init__(
         self, images: Tensor, spec: MultiCropSpec, batch_size: int, seed: int, rank: int = 0,
-        world_size: int = 1, num_views: int | None = None,
+        world_size: int = 1, num_views: int | None = None, labels: Tensor | None = None,
+        repeats: int = 1,
     ) -> None:  # fmt: skip
         self.images = images
+        self.labels = labels
+        self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.num_images = len(images)  # with steps_per_epoch, what fixes the data order
         self.num_views = num_views  # keep only the first views (MAE: 1)
         self.crop = BatchedMultiCrop(spec)
@@ -152,7 +174,7 @@ class TensorMultiCropStream:
         """The views of each batch of `epoch` from `start_batch` on."""
         order = EpochPermutation(
             len(self.images), self.batch_size, self.seed, epoch, start_batch, self.rank,
-            self.world_size,
+            self.world_size, self.repeats,
         )  # fmt: skip
         indices = torch.tensor(order.indices, dtype=torch.long).split(self.batch_size)
         for offset, batch_indices in enumerate(indices):
@@ -160,7 +182,10 @@ class TensorMultiCropStream:
             # batch's draws, so a sample's crops do not depend on the world size.
             generator = generator_for(self.seed, "crops", epoch, start_batch + offset)
             views = self.crop(self.images[batch_indices], generator, (self.rank, self.world_size))
-            yield views[: self.num_views] if self.num_views else views
+            if self.labels is not None:
+                yield [views[0], self.labels[batch_indices]]
+            else:
+                yield views[: self.num_views] if self.num_views else views
 
 
 class LoaderStream:
@@ -169,14 +194,18 @@ class LoaderStream:
     Unreadable images are replaced by the next readable one (`SeededSamples`); with
     `on_error="skip"` each is logged once and kept in `bad_files`, any number of them until
     they are more than `max_bad_fraction` of the data set; with "error" the first one stops
-    the run. Either stop is a `DataError` naming the files.
+    the run. Either stop is a `DataError` naming the files. `labelled`: each batch is [images,
+    labels] (the dataset's transform gives one tensor per image), else the list of views.
     """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
         world_size: int = 1, on_error: str = "skip", max_bad_fraction: float = 0.1,
+        labelled: bool = False, repeats: int = 1,
     ) -> None:  # fmt: skip
         self.dataset = dataset
+        self.labelled = labelled
+        self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.size: int = len(dataset)  # type: ignore[arg-type]
         self.max_bad_fraction = max_bad_fraction
         self.max_bad = math.floor(max_bad_fraction * self.size)  # more stops the run
@@ -195,7 +224,7 @@ class LoaderStream:
         """The views of each batch of `epoch` from `start_batch` on."""
         sampler = EpochPermutation(
             len(self.dataset), self.batch_size, self.seed, epoch, start_batch, self.rank,  # type: ignore[arg-type]
-            self.world_size,
+            self.world_size, self.repeats,
         )  # fmt: skip
         self.samples.epoch = epoch  # workers get a copy of the dataset when the loader starts
         loader = DataLoader(
@@ -204,7 +233,7 @@ class LoaderStream:
             persistent_workers=False, collate_fn=collate_samples,
             worker_init_fn=_leave_sigterm_to_the_trainer,
         )  # fmt: skip
-        for views, _labels, bad in loader:
+        for views, labels, bad in loader:
             self._note_bad(bad)
             if views is None:  # only reached when data.max_bad_fraction=1 lets every file fail
                 raise DataError(
@@ -212,7 +241,7 @@ class LoaderStream:
                     f"unreadable ({key_list(sorted(self.bad_files), 3)})",
                     min(self.bad_files, default=""),
                 )
-            yield views
+            yield [views, labels] if self.labelled else views
 
     def _note_bad(self, entries: list[str]) -> None:
         for entry in entries:
@@ -257,63 +286,81 @@ def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
 
 
 def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:
-    """Raises a ConfigError when a process's share of the digits holds less than one batch.
+    """Raises a ConfigError when a process's share of the bundled data holds less than one
+    batch.
 
     (The size of an image folder is only known once it is scanned: `build_train_stream` checks.)
     """
-    if data.name != "digits":
+    if not is_bundled(data.name):
         return
     share = digits_train_size(data.test_fraction) // world_size
     if share < batch_size:
         raise ConfigError(
             f"train.batch_size={batch_size} (per process) is larger than the data's share per "
-            f"process ({share} digits images with WORLD_SIZE={world_size}): lower "
+            f"process ({share} {data.name} images with WORLD_SIZE={world_size}): lower "
             "train.batch_size or use fewer processes"
         )
 
 
 def build_train_stream(
-    data: DataConfig, views: Views, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-) -> TensorMultiCropStream | LoaderStream:
+    data: DataConfig, views: Views, batch_size: int, seed: int, rank: int = 0,
+    world_size: int = 1, transform: Callable | None = None,
+) -> TensorMultiCropStream | LoaderStream:  # fmt: skip
     """The training stream `data` describes, yielding `views` of `batch_size` images per rank.
 
+    `transform`: the per-image (PIL) transform of labelled views with data.transform=lightly
+    (the method's augmentation; default: timm's `create_transform` for training).
+
     Raises:
-        ConfigError: batched crops on an image folder, or fewer images per rank than a batch.
+        ConfigError: batched crops on an image folder, labelled views of a folder without
+            class folders, or fewer images per rank than a batch.
     """
     spec = MultiCropSpec(
         data.global_crop_size, data.local_crop_size, data.num_local_views,
         tuple(data.global_crop_scale), tuple(data.local_crop_scale),  # type: ignore[arg-type]
         data.hflip_prob,
     )  # fmt: skip
-    single_crop = views is Views.SINGLE_CROP
+    single_crop = views is not Views.MULTI_CROP
+    labelled = views is Views.LABELLED
     if single_crop:
         spec.num_local_views = 0
     stream: TensorMultiCropStream | LoaderStream
     if data.transform == "batched":
-        if data.name != "digits":
+        if not is_bundled(data.name):
             raise ConfigError(
-                "data.transform=batched works on in-memory data (data.name=digits); "
-                "use data.transform=lightly for image folders"
+                "data.transform=batched works on in-memory data (data.name=digits or "
+                "cluttered_digits); use data.transform=lightly for image folders"
             )
-        images = digits(seed, data.test_fraction)[0]
+        images, labels, _, _ = bundled_splits(data.name, seed, data.test_fraction)
         stream = TensorMultiCropStream(
-            images, spec, batch_size, seed, rank, world_size, num_views=1 if single_crop else None
-        )
+            images, spec, batch_size, seed, rank, world_size,
+            num_views=1 if single_crop else None, labels=labels if labelled else None,
+            repeats=data.repeated_augmentation,
+        )  # fmt: skip
         size = len(images)
     else:
-        transform = (
-            lightly_single_crop(data.global_crop_size) if single_crop else lightly_multi_crop(spec)
-        )
-        if data.name == "digits":
-            dataset: Dataset = TensorImagesAsPIL(digits(seed, data.test_fraction)[0], transform)
+        if labelled:
+            transform = transform or create_transform(data.global_crop_size, is_training=True)
+        elif single_crop:
+            transform = lightly_single_crop(data.global_crop_size)
+        else:
+            transform = lightly_multi_crop(spec)
+        if is_bundled(data.name):
+            images, labels, _, _ = bundled_splits(data.name, seed, data.test_fraction)
+            dataset: Dataset = TensorImagesAsPIL(images, transform, labels if labelled else None)
         else:
             assert data.path is not None
             dataset = folder = image_dataset(data.path, transform)
+            if labelled and not isinstance(folder, LabelledImageFolder):
+                raise ConfigError(
+                    f"data.path={data.path} is a flat folder ({folder.description}): supervised "
+                    "training needs labels, one sub-folder per class (the ImageFolder layout)"
+                )
             if rank == 0:  # once per run, not per rank or DataLoader worker
                 print(f"data.path {data.path}: {folder.description}", flush=True)
         stream = LoaderStream(
             dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error,
-            data.max_bad_fraction,
+            data.max_bad_fraction, labelled, data.repeated_augmentation,
         )  # fmt: skip
         size = len(dataset)  # type: ignore[arg-type]
     if stream.steps_per_epoch == 0:
@@ -323,3 +370,21 @@ def build_train_stream(
             "train.batch_size or use fewer processes"
         )
     return stream
+
+
+def labelled_classes(data: DataConfig) -> int:
+    """The number of classes of the training data: 10 for the bundled digits, the class
+    sub-folders of an ImageFolder.
+
+    Raises:
+        ConfigError: data.path is not an ImageFolder (no class sub-folders, or images at its top).
+    """
+    if is_bundled(data.name):
+        return NUM_CLASSES
+    assert data.path is not None
+    if not is_image_folder(data.path):
+        raise ConfigError(
+            f"data.path={data.path} holds no labelled images: supervised training needs one "
+            "sub-folder per class and no image at the top (the ImageFolder layout)"
+        )
+    return len(LabelledImageFolder.find_classes_of(data.path))

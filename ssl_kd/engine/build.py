@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from ssl_kd.config import Config
+from ssl_kd.errors import ConfigError
 from ssl_kd.methods import registry
 from ssl_kd.methods.base import Method
 from ssl_kd.models.backbone import ViTBackbone, create_backbone
+from ssl_kd.models.classifier import create_timm_model, is_vit_model
 from ssl_kd.models.weights import load_backbone_weights
 
 
@@ -28,7 +30,19 @@ def build_backbone(cfg: Config, drop_path_rate: float | None = None) -> ViTBackb
 
 
 def build_method(cfg: Config) -> Method:
-    method = registry.method_class(cfg.method).build(cfg, build_backbone(cfg))
+    method_class = registry.method_class(cfg.method)
+    model = cfg.model
+    if method_class.any_timm_model and not is_vit_model(model.name):
+        if model.checkpoint is not None:
+            raise ConfigError(
+                f"model.checkpoint starts a ViT from its weights; {model.name} is not a ViT"
+            )
+        student = create_timm_model(
+            model.name, drop_path_rate=model.drop_path_rate, **dict(model.kwargs)
+        )
+        method = method_class.build_any(cfg, student)
+    else:
+        method = method_class.build(cfg, build_backbone(cfg))
     if cfg.eval.pictures_every_steps:
         method.picture_every_steps = cfg.eval.pictures_every_steps
     return method

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ssl_kd.config import Config, to_dict, to_yaml
-from ssl_kd.data import build_train_stream, knn_splits
+from ssl_kd.data import build_train_stream
 from ssl_kd.engine import distributed
 from ssl_kd.engine.build import build_method
 from ssl_kd.engine.checkpoint import (
@@ -32,13 +32,13 @@ from ssl_kd.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from ssl_kd.engine.evaluate import Evaluator
 from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.lock import RunLock
 from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
 from ssl_kd.engine.rundir import check_data_order, prepare_output_dir
 from ssl_kd.engine.stop import StopRequest
 from ssl_kd.errors import Terminated, UserError
-from ssl_kd.evaluation.knn import evaluate_knn
 from ssl_kd.files import write_text_atomic
 from ssl_kd.methods import registry
 from ssl_kd.methods.base import Method, StepOutput, StepState
@@ -83,12 +83,13 @@ class Trainer:
         self.method_class = registry.method_class(cfg.method)
         self.stream = build_train_stream(
             cfg.data, self.method_class.views, cfg.train.batch_size, cfg.train.seed, self.rank,
-            self.world_size,
+            self.world_size, self.method_class.train_transform(cfg),
         )  # fmt: skip
         self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
             distributed.sync_batch_norms(self.method, self.ctx)  # CUDA only (torch's limit)
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
+        self.evaluator = Evaluator(cfg, self.method, self.device, self.rank)
         self.optimizer = self._optimizer()
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -148,7 +149,7 @@ class Trainer:
             # Where the backbones sit in `method`, so evaluation and export need no method code.
             "backbones": {
                 part: f"{path}.vit." for part, path in self.method_class.backbones.items()
-            },
+            } if self.method.has_vit_backbone else {},
             "default_backbone": self.method_class.default_backbone,
             "totals": self.totals,
             "results": self.results,
@@ -185,29 +186,6 @@ class Trainer:
         set_rng_state(state.get("rng"))
         self.resumed_from = path
         return True
-
-    # --- evaluation -----------------------------------------------------------------------
-    def knn(self) -> dict[str, float] | None:
-        """k-NN top-1/top-5 on rank 0 (None elsewhere); the other ranks wait at a barrier."""
-        if self.rank != 0:
-            distributed.barrier()
-            return None
-        try:
-            return self._knn()
-        finally:
-            distributed.barrier()
-
-    def _knn(self) -> dict[str, float] | None:
-        splits = knn_splits(self.cfg.data, self.cfg.eval, self.cfg.train.seed)
-        if splits is None:
-            return None
-        k = self.cfg.eval.knn_k
-        scores = evaluate_knn(
-            self.method.export_backbone(), splits, (k,), self.cfg.eval.knn_temperature,
-            self.cfg.eval.batch_size, self.device,
-            num_workers=0 if splits.in_memory else self.cfg.data.num_workers, progress=False,
-        )[k]  # fmt: skip
-        return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
 
     # --- the loop -------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
@@ -269,8 +247,8 @@ class Trainer:
         if resumed:
             logger.console(f"resumed from {self.resumed_from} at step {self.step}")
         elif cfg.eval.knn_random_init and "knn_top1_random_init" not in self.results:
-            baseline = self.knn()
-            if baseline is not None:
+            baseline = self.evaluator.run(knn=True, classify=False)
+            if baseline:
                 self.results["knn_top1_random_init"] = baseline["knn_top1"]
                 logger.console(f"k-NN top-1 of the untrained backbone: {baseline['knn_top1']:.2f}")
         start_step, start_time = self.step, time.perf_counter()
@@ -308,19 +286,13 @@ class Trainer:
                     break
             epoch_done = self.step // self.steps_per_epoch
             if self.step % self.steps_per_epoch == 0 or self.step >= self.last_step:
-                every = cfg.eval.knn_every_epochs
-                if every and epoch_done % every == 0 and self.step < self.last_step:
-                    knn = self.knn()
-                    if knn is not None:
-                        logger.scalars(self.step, {"eval/knn_top1": knn["knn_top1"]})
-                        logger.console(f"epoch {epoch_done}: k-NN top-1 {knn['knn_top1']:.2f}")
+                if self.step < self.last_step:
+                    self._log_scores(logger, self.evaluator.run(*self.evaluator.due(epoch_done)))
                 self.save()
 
-        if cfg.eval.knn_at_end:
-            knn = self.knn()
-            if knn is not None:
-                self.results.update(knn)
-                logger.scalars(self.step, {"eval/knn_top1": knn["knn_top1"]})
+        scores = self.evaluator.run(cfg.eval.knn_at_end, cfg.eval.classify_at_end)
+        self.results.update(scores)
+        self._log_scores(logger, scores)
         summary = self._summary(time.perf_counter() - start_time)
         if self.rank == 0:
             text = json.dumps(summary, indent=2) + "\n"
@@ -328,6 +300,14 @@ class Trainer:
         self.save()
         logger.close()
         return summary
+
+    def _log_scores(self, logger: RunLogger, scores: dict[str, float]) -> None:
+        if scores:
+            logger.scalars(self.step, {f"eval/{name}": value for name, value in scores.items()})
+            epoch = self.step / self.steps_per_epoch
+            logger.console(
+                f"epoch {epoch:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+            )
 
     def _log(self, logger: RunLogger, metrics: dict[str, float], start_step: int) -> None:
         scalars = step_scalars(metrics, self.totals)

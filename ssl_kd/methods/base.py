@@ -75,6 +75,9 @@ class Method(nn.Module):
     # `ViTBackbone`), and which part is evaluated and exported by default.
     backbones: ClassVar[dict[str, str]] = {}
     default_backbone: ClassVar[str] = "student"
+    # Whether `model.name` may name any timm model (a CNN too): a ViT student still comes
+    # through `build` as a `ViTBackbone`, another model through `build_any`.
+    any_timm_model: ClassVar[bool] = False
 
     # --- declared once per method ---------------------------------------------------------
     @classmethod
@@ -103,6 +106,18 @@ class Method(nn.Module):
     def build(cls, cfg: Config, backbone: ViTBackbone) -> Method:
         """The method of `cfg` around a freshly built student backbone."""
         raise NotImplementedError
+
+    @classmethod
+    def build_any(cls, cfg: Config, model: nn.Module) -> Method:
+        """The method of `cfg` around a student that is not a ViT (`any_timm_model` only): the
+        timm model `model.name` names, built without its classifier."""
+        raise NotImplementedError
+
+    @classmethod
+    def train_transform(cls, cfg: Config) -> Callable | None:
+        """The per-image training transform of `Views.LABELLED` on image folders (None: the
+        stream's default)."""
+        return None
 
     # --- per run --------------------------------------------------------------------------
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
@@ -164,6 +179,17 @@ class Method(nn.Module):
     def pictures(self, views: list[Tensor], state: StepState) -> dict[str, Tensor]:
         """Images for TensorBoard, tag → [3, H, W] in [0, 1]."""
         return {}
+
+    def classifier(self) -> nn.Module | None:
+        """The network whose logits the trainer scores on the validation split (top-1/top-5):
+        images [B, C, H, W] → an output with `logits` [B, K]; None: the method classifies
+        nothing."""
+        return None
+
+    @property
+    def has_vit_backbone(self) -> bool:
+        """Whether `export_backbone` has a ViT to give (k-NN, export); a CNN student has none."""
+        return True
 
     def export_backbone(self, part: str | None = None) -> ViTBackbone:
         """The backbone to evaluate and export: `part` of `backbones`, default its default."""

@@ -70,7 +70,8 @@ class BackboneWeights:
     timm_config: dict[str, Any] | None = None
 
 
-def _read(path: Path) -> Any:
+def read_state(path: Path) -> Any:
+    """What a weights file holds: `.safetensors` read as such, `.pth` read weights-only."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -106,7 +107,7 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{config_file} is not JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise UserError(f"{config_file} names no `architecture` (timm's config.json layout)")
-    return config, _read(weights_file)
+    return config, read_state(weights_file)
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -162,7 +163,7 @@ def read_backbone_weights(path: str | Path, part: str | None = None) -> Backbone
     if path.is_dir():
         timm_config, state = _read_folder(path)
     elif path.is_file():
-        state = _read(path)
+        state = read_state(path)
     else:
         raise UserError(f"checkpoint {path} does not exist")
     if not isinstance(state, dict):
@@ -209,6 +210,12 @@ def _select(
         method = state["config"]["method"]
         backbones, default = run_backbones(state)
         found.part = part or default
+        if not backbones:
+            raise UserError(
+                f"{path} is an ssl_kd {method} run of {state['config']['model']['name']}, which "
+                "is not a ViT: it has no backbone to evaluate or export (its summary.json holds "
+                "its classification scores)"
+            )
         if found.part not in backbones:
             raise UserError(
                 f"{path} is an ssl_kd {method} run that saves no {found.part} backbone (it "

@@ -1,0 +1,287 @@
+"""Logit distillation from a frozen teacher, with MaskedKD's cheaper teacher.
+
+Knowledge distillation: Hinton et al., arXiv:1503.02531; in DeiT's setting (Touvron et al.,
+arXiv:2012.12877): loss = (1 − α) · CE(student, labels) + α · τ² · KL(teacher/τ ‖ student/τ),
+or DeiT's hard distillation (cross-entropy against the teacher's top class).
+MaskedKD: Son et al., "The Role of Masking for Efficient Supervised Knowledge Distillation of
+Vision Transformers", arXiv:2302.10494. With masking.keep_ratio < 1 the teacher (a ViT) sees
+only k of its patches: by default those the student's last-block [CLS] attention (mean over
+heads) ranks highest on the same image, so the teacher's cost falls with the keep ratio; the
+paper's ablations are `random` and `attention_bottomk`. A teacher on another patch grid gets
+the student's scores resampled to its grid (paper appendix, Table 6).
+
+The student sees every image whole and learns as `supervised` does (label smoothing, Mixup or
+CutMix, whose mixed images the teacher sees too, as in DeiT and MaskedKD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_kd.config.sections import (
+    Config,
+    MaskingConfig,
+    check_choice,
+    check_file,
+    check_positive,
+    check_unit_interval,
+)
+from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.flops import forward_macs
+from ssl_kd.losses import hard_distillation_loss, soft_distillation_loss
+from ssl_kd.masking import interpolate_scores, num_kept, select
+from ssl_kd.methods.base import KeepRatioSchedule, StepOutput, StepState, masking_strategy
+from ssl_kd.methods.registry import register
+from ssl_kd.methods.supervised import Supervised, SupervisedConfig, classes_of
+from ssl_kd.models.backbone import check_backbone
+from ssl_kd.models.classifier import (
+    Classifier,
+    ClassifierOutput,
+    create_classifier,
+    create_timm_model,
+    is_vit_model,
+    load_classifier_weights,
+)
+
+
+@dataclass
+class KDConfig(SupervisedConfig):
+    """The `kd` section: the student's training (every key of `supervised`) and the teacher.
+
+    MaskedKD's README command: soft distillation, α = 0.5, τ = 1, 98 of 196 patches.
+    """
+
+    teacher_name: str = "deit_base_patch16_224"  # any timm model; a ViT to be masked
+    teacher_checkpoint: str | None = None  # local file: an ssl_kd run, a DeiT or timm release
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher_img_size: int | None = None  # the teacher's input size; None: the student's crops
+    distillation: str = "soft"  # soft (KL at τ) or hard (CE against the teacher's top class)
+    alpha: float = 0.5  # weight of the distillation term; 1 − α on the labels
+    tau: float = 1.0  # temperature of the soft term
+
+    def check(self) -> None:
+        self.check_keys("kd")
+        check_choice("kd.distillation", self.distillation, ("soft", "hard"))
+        check_unit_interval({"kd.alpha": self.alpha})
+        check_positive({"kd.tau": self.tau})
+        if self.teacher_img_size is not None:
+            check_positive({"kd.teacher_img_size": self.teacher_img_size})
+
+
+@register
+class KD(Supervised):
+    """A student classifier distilled from a frozen teacher classifier.
+
+    Args:
+        student, teacher: classifiers of the same classes; the teacher is frozen, in eval mode,
+            and not part of the state dict (never saved, trained or wrapped in DDP).
+        cfg: the `kd` section; masking: which of its patches the teacher sees.
+        img_size: the student's input size.
+    """
+
+    names = ("kd",)
+    section = "kd"
+    config_class = KDConfig
+    default_keep_ratio = 1.0  # plain logit distillation; MaskedKD below 1
+    default_strategy = "attention_topk"
+
+    cfg: KDConfig
+    teacher: Classifier
+
+    @classmethod
+    def check_masking(cls, cfg: Config) -> None:
+        kd: KDConfig = cfg.section(cls.section)
+        if not kd.teacher_checkpoint:
+            raise ConfigError(
+                "kd.teacher_checkpoint is not set: point it at a local file holding the "
+                "teacher classifier (an ssl_kd supervised run's checkpoint.pth, a DeiT release "
+                "or a timm state dict); nothing is ever downloaded"
+            )
+        check_file("kd.teacher_checkpoint", kd.teacher_checkpoint)
+        size = kd.teacher_img_size or cfg.data.global_crop_size
+        teacher_patch = 1
+        try:  # on the meta device: names, keywords and grids, before any work
+            teacher_vit = is_vit_model(kd.teacher_name)
+            with torch.device("meta"):
+                if teacher_vit:
+                    teacher_patch = check_backbone(
+                        kd.teacher_name, size, **dict(kd.teacher_kwargs)
+                    ).patch_size
+                else:
+                    create_timm_model(kd.teacher_name, **dict(kd.teacher_kwargs))
+            student_vit = is_vit_model(cfg.model.name)
+        except UserError as err:
+            raise ConfigError(f"kd.teacher_name / kd.teacher_kwargs: {err}") from None
+        if teacher_vit and size % teacher_patch:
+            raise ConfigError(
+                f"the teacher's input size {size} (kd.teacher_img_size, else "
+                f"data.global_crop_size) is not a multiple of its patch size {teacher_patch}"
+            )
+        assert cfg.masking.keep_ratio is not None and cfg.masking.strategy is not None
+        if cfg.masking.keep_ratio == 1.0:
+            return
+        if not teacher_vit:
+            raise ConfigError(
+                f"masking.keep_ratio={cfg.masking.keep_ratio} masks the teacher's patches, "
+                f"but kd.teacher_name={kd.teacher_name} is not a ViT; use 1.0"
+            )
+        if cfg.masking.strategy.startswith("attention") and not student_vit:
+            raise ConfigError(
+                f"masking.strategy={cfg.masking.strategy} ranks patches by the student's "
+                f"[CLS] attention, but model.name={cfg.model.name} is not a ViT; use random"
+            )
+
+    @classmethod
+    def build_any(cls, cfg: Config, model: nn.Module) -> KD:
+        kd: KDConfig = cfg.section(cls.section)
+        num_classes = classes_of(cfg, kd)
+        teacher_size = kd.teacher_img_size or cfg.data.global_crop_size
+        teacher = create_classifier(
+            kd.teacher_name, teacher_size, num_classes, **dict(kd.teacher_kwargs)
+        )
+        assert kd.teacher_checkpoint is not None  # checked with the config
+        layout = load_classifier_weights(teacher, kd.teacher_checkpoint)
+        print(f"teacher {kd.teacher_name} from {kd.teacher_checkpoint} ({layout})", flush=True)
+        student = Classifier(model, num_classes)
+        return cls(student, teacher, kd, cfg.masking, cfg.data.global_crop_size)
+
+    def __init__(
+        self,
+        student: Classifier,
+        teacher: Classifier,
+        cfg: KDConfig,
+        masking: MaskingConfig,
+        img_size: int,
+    ) -> None:
+        super().__init__(student, cfg)
+        self.masking = masking
+        self.img_size = img_size
+        self.teacher_size = cfg.teacher_img_size or img_size
+        teacher.requires_grad_(False)
+        teacher.eval()
+        # A plain attribute, not a submodule: never saved, trained or wrapped in DDP.
+        self.__dict__["teacher"] = teacher
+        self.teacher_grid = teacher.vit.grid(self.teacher_size) if teacher.is_vit else None
+        self.student_grid = student.vit.grid(img_size) if student.is_vit else None
+        self.keep_ratio = KeepRatioSchedule(masking)
+        self._macs_cache: dict[int | None, int] = {}
+
+    def to(self, *args: Any, **kwargs: Any) -> KD:
+        super().to(*args, **kwargs)
+        self.teacher.to(*args, **kwargs)
+        return self
+
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.keep_ratio.set_schedule(total_steps, steps_per_epoch)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **super().summary(),
+            "keep_ratio": self.keep_ratio.final,
+            "masking_strategy": self.masking.strategy,
+            "teacher": self.cfg.teacher_name,
+        }
+
+    def forward(self, views: list[Tensor], state: StepState) -> StepOutput:
+        """views: [images [B, C, H, W], labels [B]]."""
+        images, labels = views
+        batch = len(images)
+        targets, images = self.targets(images, labels, state)
+        num_patches = self.teacher_grid[0] * self.teacher_grid[1] if self.teacher_grid else 0
+        keep_ratio = self.keep_ratio(state.step)
+        keep = num_kept(num_patches, keep_ratio) if num_patches else 0
+        masked = keep < num_patches
+        strategy = masking_strategy(self.masking)
+        needs_scores = masked and strategy.startswith("attention")
+        student = self.student_call(
+            images, cls_attention=needs_scores, return_blocks=self.student_blocks
+        )
+
+        # The teacher sees the same (mixed) images, reduced to the patches the student chose.
+        with torch.no_grad():
+            keep_idx = self.teacher_patches(student.cls_attention, keep, state, images)
+            teacher_images = images
+            if self.teacher_size != self.img_size:
+                teacher_images = F.interpolate(
+                    images, size=self.teacher_size, mode="bicubic", antialias=True
+                )
+            teacher = self.teacher(teacher_images, keep_idx, return_blocks=self.teacher_blocks)
+        teacher_logits = teacher.logits.float()
+
+        student_logits = student.logits.float()
+        base = self.classification_loss(student_logits, labels, targets)
+        if self.cfg.distillation == "soft":
+            distill = soft_distillation_loss(student_logits, teacher_logits, self.cfg.tau)
+        else:
+            distill = hard_distillation_loss(student_logits, teacher_logits)
+        loss = (1 - self.cfg.alpha) * base + self.cfg.alpha * distill
+        features, metrics = self.feature_loss(student, teacher, keep_idx, state)
+        loss = loss + features
+        metrics |= {
+            "ce_loss": base.item(),
+            "distill_loss": distill.item(),
+            "keep_ratio": keep_ratio,
+            "teacher_agreement": (student_logits.argmax(1) == teacher_logits.argmax(1))
+            .float()
+            .mean()
+            .item(),
+        }
+        if self.teacher.is_vit:
+            metrics["teacher_tokens_kept"] = keep + self.teacher.vit.num_prefix_tokens
+        return StepOutput(
+            loss,
+            metrics,
+            teacher_macs=batch * self.teacher_macs(keep if masked else None),
+            teacher_macs_unmasked=batch * self.teacher_macs(None),
+            images=batch,
+            keep_ratio=keep_ratio,
+        )
+
+    # Feature distillation (subclasses): the blocks whose raw outputs each network returns.
+    student_blocks: tuple[int, ...] = ()
+    teacher_blocks: tuple[int, ...] = ()
+
+    def feature_loss(
+        self, student: ClassifierOutput, teacher: ClassifierOutput, keep_idx: Tensor | None,
+        state: StepState,
+    ) -> tuple[Tensor | float, dict[str, float | Tensor]]:  # fmt: skip
+        """Feature terms added to the loss, and their metrics; plain logit distillation: none.
+
+        `keep_idx` [B, k]: the patches the teacher saw (None: all), so that features are
+        aligned on the tokens the teacher has.
+        """
+        return 0.0, {}
+
+    def teacher_patches(
+        self, cls_attention: Tensor | None, keep: int, state: StepState, images: Tensor
+    ) -> Tensor | None:
+        """keep_idx [B, k] on the teacher's grid (None: every patch): the top (bottom) k of the
+        student's [CLS] attention, mean over heads, resampled to the teacher's grid, or k at
+        random (or in a block)."""
+        if self.teacher_grid is None:
+            return None
+        num_patches = self.teacher_grid[0] * self.teacher_grid[1]
+        if keep >= num_patches:
+            return None
+        scores = None
+        if cls_attention is not None:
+            assert self.student_grid is not None
+            scores = interpolate_scores(
+                cls_attention.mean(dim=1), self.student_grid, self.teacher_grid
+            )  # [B, N_teacher]
+        return select(
+            scores, keep, masking_strategy(self.masking), num_patches=num_patches,
+            batch_size=len(images), grid=self.teacher_grid, generator=state.generator,
+            device=images.device, shard=state.shard,
+        )  # fmt: skip
+
+    def teacher_macs(self, keep: int | None) -> int:
+        """Teacher multiply-adds per image with `keep` patches (None: all), measured once."""
+        if keep not in self._macs_cache:
+            self._macs_cache[keep] = forward_macs(self.teacher, self.teacher_size, keep)
+        return self._macs_cache[keep]
