@@ -1,5 +1,5 @@
 """Losses no dependency provides: MAE's pixel loss, DMAE's feature alignment, logit
-distillation (soft and hard)."""
+distillation (soft and hard), ViTKD's feature terms."""
 
 from __future__ import annotations
 
@@ -57,3 +57,29 @@ def hard_distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Te
         student_logits, teacher_logits: [B, K].
     """
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+
+
+def vitkd_mimic_loss(projected_student: Tensor, teacher: Tensor) -> Tensor:
+    """ViTKD's mimicking of the shallow blocks (Yang et al., arXiv:2209.02432): squared error
+    summed over blocks, tokens and channels, divided by the batch size (the official code's
+    `MSELoss(reduction="sum") / B`).
+
+    Args:
+        projected_student, teacher: [B, L, N, D] patch tokens of L blocks, the student's
+            already projected to the teacher's width.
+    """
+    return (projected_student - teacher).pow(2).sum() / projected_student.shape[0]
+
+
+def vitkd_generation_loss(
+    generated: Tensor, teacher: Tensor, compared: Tensor, mask_ratio: float
+) -> Tensor:
+    """ViTKD's generation of the deep layer: squared error on the generated (masked) tokens,
+    summed, divided by the batch size and by the mask ratio λ, as the official code does.
+
+    Args:
+        generated, teacher: [B, N, D] patch tokens; compared: [B, N] 1 where a token was masked
+            (and the teacher has it), else 0.
+    """
+    squared = (generated - teacher).pow(2) * compared.unsqueeze(-1)
+    return squared.sum() / generated.shape[0] / mask_ratio

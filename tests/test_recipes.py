@@ -82,6 +82,18 @@ DEIT_S: dict[str, Any] = {
 }  # fmt: skip
 
 
+# effl-lab/MaskedKD README "Training on ImageNet-1K": DeiT-S from the DeiT-B release,
+# `--nproc_per_node=8 --batch-size 128 --distillation-type soft --distillation-alpha 0.5
+# --distillation-tau 1 --maskedkd --len_num_keep 98`, every other argument at its main.py's
+# default (DeiT's).
+MASKEDKD_S_FROM_B: dict[str, Any] = {
+    **{key.replace("supervised.", "kd."): value for key, value in DEIT_S.items()},
+    "method": "kd", "kd.teacher_name": "deit_base_patch16_224", "kd.distillation": "soft",
+    "kd.alpha": 0.5, "kd.tau": 1.0, "masking.keep_ratio": 0.5,
+    "masking.strategy": "attention_topk",
+}  # fmt: skip
+
+
 @dataclass
 class Recipe:
     official: dict[str, Any]
@@ -89,6 +101,7 @@ class Recipe:
     global_batch: int  # the official run's
     peak_lr: float  # the official run's: base lr × global batch / 256
     teacher_file: str | None = None  # the name of the official run's teacher file
+    teacher_key: str = "dmae.teacher_checkpoint"  # the key that names it
 
 
 RECIPES = {
@@ -105,10 +118,18 @@ RECIPES = {
     ),
     # DeiT scales its lr per 512 images: 5e-4 × 1024 / 512.
     "deit_s16_supervised.yaml": Recipe(DEIT_S, processes=4, global_batch=1024, peak_lr=1e-3),
+    "maskedkd_deit_s16_from_b16.yaml": Recipe(
+        MASKEDKD_S_FROM_B,
+        processes=8,
+        global_batch=1024,
+        peak_lr=1e-3,
+        teacher_file="deit_base_patch16_224-b5f2ef4d.pth",
+        teacher_key="kd.teacher_checkpoint",
+    ),
 }
 CLAIM = re.compile(r"→ ([a-z_]+(?:\.[a-z_]+)+): (.+?)(?: \(|$)", re.MULTILINE)
 # Keys the test points at local files (the recipes name placeholders): compared in the YAML only.
-LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint", "eval.val_path")
+LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint", "kd.teacher_checkpoint", "eval.val_path")
 
 
 def header(path: Path) -> str:
@@ -132,6 +153,7 @@ def loaded(path: Path, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     overrides = [
         f"data.path={tmp_path}",
         f"dmae.teacher_checkpoint={teacher}",
+        f"kd.teacher_checkpoint={teacher}",
         f"eval.val_path={tmp_path}",
     ]
     return raw, flatten(to_dict(load_config(path, overrides)), free)
@@ -187,4 +209,4 @@ def test_recipe_carries_the_official_values(name, tmp_path):
     assert global_batch == recipe.global_batch
     assert config["optim.lr"] * global_batch / 256 == pytest.approx(recipe.peak_lr)
     if recipe.teacher_file:
-        assert Path(raw["dmae.teacher_checkpoint"]).name == recipe.teacher_file
+        assert Path(raw[recipe.teacher_key]).name == recipe.teacher_file

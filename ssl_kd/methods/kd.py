@@ -66,11 +66,14 @@ class KDConfig(SupervisedConfig):
 
     def check(self) -> None:
         self.check_keys("kd")
-        check_choice("kd.distillation", self.distillation, ("soft", "hard"))
-        check_unit_interval({"kd.alpha": self.alpha})
-        check_positive({"kd.tau": self.tau})
+
+    def check_keys(self, section: str) -> None:
+        super().check_keys(section)
+        check_choice(f"{section}.distillation", self.distillation, ("soft", "hard"))
+        check_unit_interval({f"{section}.alpha": self.alpha})
+        check_positive({f"{section}.tau": self.tau})
         if self.teacher_img_size is not None:
-            check_positive({"kd.teacher_img_size": self.teacher_img_size})
+            check_positive({f"{section}.teacher_img_size": self.teacher_img_size})
 
 
 @register
@@ -98,11 +101,11 @@ class KD(Supervised):
         kd: KDConfig = cfg.section(cls.section)
         if not kd.teacher_checkpoint:
             raise ConfigError(
-                "kd.teacher_checkpoint is not set: point it at a local file holding the "
-                "teacher classifier (an ssl_kd supervised run's checkpoint.pth, a DeiT release "
-                "or a timm state dict); nothing is ever downloaded"
+                f"{cls.section}.teacher_checkpoint is not set: point it at a local file holding "
+                "the teacher classifier (an ssl_kd supervised run's checkpoint.pth, a DeiT "
+                "release or a timm state dict); nothing is ever downloaded"
             )
-        check_file("kd.teacher_checkpoint", kd.teacher_checkpoint)
+        check_file(f"{cls.section}.teacher_checkpoint", kd.teacher_checkpoint)
         size = kd.teacher_img_size or cfg.data.global_crop_size
         teacher_patch = 1
         try:  # on the meta device: names, keywords and grids, before any work
@@ -116,10 +119,12 @@ class KD(Supervised):
                     create_timm_model(kd.teacher_name, **dict(kd.teacher_kwargs))
             student_vit = is_vit_model(cfg.model.name)
         except UserError as err:
-            raise ConfigError(f"kd.teacher_name / kd.teacher_kwargs: {err}") from None
+            raise ConfigError(
+                f"{cls.section}.teacher_name / {cls.section}.teacher_kwargs: {err}"
+            ) from None
         if teacher_vit and size % teacher_patch:
             raise ConfigError(
-                f"the teacher's input size {size} (kd.teacher_img_size, else "
+                f"the teacher's input size {size} ({cls.section}.teacher_img_size, else "
                 f"data.global_crop_size) is not a multiple of its patch size {teacher_patch}"
             )
         assert cfg.masking.keep_ratio is not None and cfg.masking.strategy is not None
@@ -128,7 +133,7 @@ class KD(Supervised):
         if not teacher_vit:
             raise ConfigError(
                 f"masking.keep_ratio={cfg.masking.keep_ratio} masks the teacher's patches, "
-                f"but kd.teacher_name={kd.teacher_name} is not a ViT; use 1.0"
+                f"but {cls.section}.teacher_name={kd.teacher_name} is not a ViT; use 1.0"
             )
         if cfg.masking.strategy.startswith("attention") and not student_vit:
             raise ConfigError(
