@@ -159,6 +159,23 @@ class Method(nn.Module):
         """
         self.__dict__["_student_wrapper"] = wrap(self.student)
 
+    def hold_frozen_teacher(self, teacher: nn.Module | None) -> None:
+        """Keeps a frozen teacher as `self.teacher`, a plain attribute rather than a submodule:
+        never saved in checkpoints, handed to the optimizer or wrapped in DDP, yet moved by
+        `.to()` with the method."""
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.__dict__["teacher"] = teacher
+        self.__dict__["_frozen_teacher"] = True
+
+    def to(self, *args: Any, **kwargs: Any) -> Method:
+        super().to(*args, **kwargs)
+        teacher = self.__dict__.get("teacher") if self.__dict__.get("_frozen_teacher") else None
+        if teacher is not None:
+            teacher.to(*args, **kwargs)
+        return self
+
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
         teacher = getattr(self, "teacher", None)

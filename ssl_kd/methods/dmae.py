@@ -228,8 +228,6 @@ class DMAE(Method):
                 alignment_projection(encoder.embed_dim, teacher.embed_dim, cfg.projection)
                 for _ in self.pairs
             )
-            teacher.requires_grad_(False)
-            teacher.eval()
         decoder = MAEDecoder(
             num_patches,
             encoder.embed_dim,
@@ -240,19 +238,11 @@ class DMAE(Method):
             encoder.num_prefix_tokens,
         )
         self.student = MAEStudent(encoder, decoder, projections)
-        # A plain attribute, not a submodule: the frozen teacher is never saved in checkpoints,
-        # never handed to the optimizer and never wrapped in DDP.
-        self.__dict__["teacher"] = teacher
+        self.hold_frozen_teacher(teacher)
         self.teacher_last_block = max((t for _, t in self.pairs), default=-1)
         self.picture_every_steps = cfg.recon_images_every_steps
         self._macs_cache: dict[tuple[int, int | None], int] = {}
         self.keep_ratio = KeepRatioSchedule(masking)
-
-    def to(self, *args: Any, **kwargs: Any) -> DMAE:
-        super().to(*args, **kwargs)
-        if self.teacher is not None:
-            self.teacher.to(*args, **kwargs)
-        return self
 
     # --- contract -------------------------------------------------------------------------
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:

@@ -167,19 +167,11 @@ class KD(Supervised):
         self.masking = masking
         self.img_size = img_size
         self.teacher_size = cfg.teacher_img_size or img_size
-        teacher.requires_grad_(False)
-        teacher.eval()
-        # A plain attribute, not a submodule: never saved, trained or wrapped in DDP.
-        self.__dict__["teacher"] = teacher
+        self.hold_frozen_teacher(teacher)
         self.teacher_grid = teacher.vit.grid(self.teacher_size) if teacher.is_vit else None
         self.student_grid = student.vit.grid(img_size) if student.is_vit else None
         self.keep_ratio = KeepRatioSchedule(masking)
         self._macs_cache: dict[int | None, int] = {}
-
-    def to(self, *args: Any, **kwargs: Any) -> KD:
-        super().to(*args, **kwargs)
-        self.teacher.to(*args, **kwargs)
-        return self
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         self.keep_ratio.set_schedule(total_steps, steps_per_epoch)
