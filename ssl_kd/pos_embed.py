@@ -17,7 +17,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 # How a backbone resamples its position embedding for a grid other than its own.
-INTERPOLATIONS = ("dino", "timm")
+# The option values name the code each follows: official DINO's resampling, or timm's.
+DINO_INTERPOLATION, TIMM_INTERPOLATION = "dino", "timm"
+INTERPOLATIONS = (DINO_INTERPOLATION, TIMM_INTERPOLATION)
 
 
 def sincos_2d_table(dim: int, grid: tuple[int, int]) -> Tensor:

@@ -5,7 +5,7 @@ patches in `keep_idx` (prefix tokens, i.e. [CLS] and registers, always stay), so
 a subset of patches pays only for those tokens (MaskedKD, arXiv:2302.10494; MAE, arXiv:2111.06377).
 
 Crops on another patch grid than the position embedding's (DINO's 96-px local crops) get it
-resampled as official DINO does (`pos_embed_interpolation="dino"`) or as timm does ("timm").
+resampled as official DINO does (`pos_embed_interpolation=DINO_INTERPOLATION`) or as timm does.
 
 The [CLS]→patch attention of the last block is recomputed from that block's own `qkv` output,
 captured by a forward hook: one query row against all keys, O(N·d) extra work. timm's fused
@@ -26,7 +26,12 @@ from torch import Tensor, nn
 
 from ssl_kd.errors import UserError
 from ssl_kd.masking import gather_patches
-from ssl_kd.pos_embed import INTERPOLATIONS, resample_like_dino
+from ssl_kd.pos_embed import (
+    DINO_INTERPOLATION,
+    INTERPOLATIONS,
+    TIMM_INTERPOLATION,
+    resample_like_dino,
+)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class ViTBackbone(nn.Module):
             (bicubic by grid + 0.1, no antialiasing) or timm's (bicubic to the grid, antialiased).
     """
 
-    def __init__(self, vit: nn.Module, pos_embed_interpolation: str = "timm") -> None:
+    def __init__(self, vit: nn.Module, pos_embed_interpolation: str = TIMM_INTERPOLATION) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
@@ -102,7 +107,8 @@ class ViTBackbone(nn.Module):
         """Pixels [B, C, H, W] → tokens [B, P + N, D] with position embeddings, prefix first."""
         x = self.vit.patch_embed(x)  # [B, h, w, D] (dynamic_img_size)
         other_grid = tuple(x.shape[1:3]) != tuple(self.vit.patch_embed.grid_size)
-        if self.pos_embed_interpolation == "dino" and other_grid and self.vit.pos_embed is not None:
+        like_dino = self.pos_embed_interpolation == DINO_INTERPOLATION
+        if like_dino and other_grid and self.vit.pos_embed is not None:
             x = self._pos_embed_like_dino(x)
         else:
             x = self.vit._pos_embed(x)  # timm resamples antialiased for another grid
@@ -219,7 +225,7 @@ def create_backbone(
     img_size: int,
     *,
     drop_path_rate: float = 0.0,
-    pos_embed_interpolation: str = "timm",
+    pos_embed_interpolation: str = TIMM_INTERPOLATION,
     **kwargs: Any,
 ) -> ViTBackbone:
     """Builds any timm ViT by name, never downloading weights.
@@ -227,7 +233,7 @@ def create_backbone(
     Args:
         name: timm model name, e.g. `vit_small_patch16_224`.
         img_size: size the position embedding is built for (other sizes are resampled).
-        pos_embed_interpolation: "dino" or "timm", see `ViTBackbone`.
+        pos_embed_interpolation: one of `INTERPOLATIONS`, see `ViTBackbone`.
         kwargs: overrides for timm (patch_size, embed_dim, depth, num_heads, ...).
 
     Raises:
