@@ -276,3 +276,22 @@ def kill_after_step(process: subprocess.Popen[str], run: Path, step: int) -> Non
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def kill_and_resume(
+    args: Sequence[str], run: Path, kill_step: int, env: Mapping[str, str] | None = None
+) -> int:
+    """Starts `ssl-kd *args`, SIGKILLs it once `kill_step` is logged in `run`, then runs the same
+    command to its end; returns the checkpoint step the second run resumed from.
+
+    Raises:
+        AssertionError: the resumed run failed, or did not say it resumed from that step.
+    """
+    from ssl_kd.engine.checkpoint import load_checkpoint
+
+    kill_after_step(start_cli(*args, env=env), run, kill_step)
+    saved = int(load_checkpoint(run / "checkpoint.pth")["step"])
+    resumed = run_cli(*args, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {saved}" in resumed.stdout
+    return saved

@@ -18,7 +18,7 @@ from ssl_kd.engine.trainer import Trainer, train
 from ssl_kd.errors import RunFailed
 from ssl_kd.schedules import cosine_schedule
 from tests.helpers import (
-    kill_after_step,
+    kill_and_resume,
     run_cli,
     start_cli,
     tiny_config,
@@ -93,15 +93,8 @@ def test_sigkill_mid_epoch_then_same_command_reaches_the_same_weights(tmp_path, 
 
     run = tmp_path / "killed"
     args = ["train", empty_yaml(tmp_path), *tiny_overrides(run, **extra)]
-    process = start_cli(*args, env=THREADS)
-    kill_after_step(process, run, 5)  # between checkpoints
-    saved = load_checkpoint(run / "checkpoint.pth")["step"]
+    saved = kill_and_resume(args, run, 5, env=THREADS)  # killed between checkpoints
     assert 3 <= saved < 12 and saved % 3 == 0  # mid-epoch (44 steps per epoch)
-
-    resumed = start_cli(*args, env=THREADS)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert f"at step {saved}" in out
     final = load_checkpoint(run / "checkpoint.pth")
     expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
     assert_same_state(final["method"], expected["method"])

@@ -19,7 +19,7 @@ from ssl_kd.losses import hard_distillation_loss, soft_distillation_loss
 from ssl_kd.masking import interpolate_scores, num_kept, select
 from ssl_kd.methods.base import StepState
 from ssl_kd.models.classifier import create_classifier, load_classifier_weights
-from tests.helpers import TINY_VIT, kill_after_step, start_cli, tiny_config, tiny_overrides
+from tests.helpers import TINY_VIT, kill_and_resume, tiny_config, tiny_overrides
 
 TEACHER_VIT = {"patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3}
 
@@ -300,14 +300,7 @@ def test_sigkill_mid_epoch_then_the_same_command_reaches_the_same_weights(tmp_pa
     run = tmp_path / "killed"
     (tmp_path / "run.yaml").write_text("{}\n")
     args = ["train", str(tmp_path / "run.yaml"), *tiny_overrides(run, **extra)]
-    process = start_cli(*args, env={"OMP_NUM_THREADS": "2"})
-    kill_after_step(process, run, 4)
-    saved = load_checkpoint(run / "checkpoint.pth")["step"]
-    assert saved == 3
-    resumed = start_cli(*args, env={"OMP_NUM_THREADS": "2"})
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert f"at step {saved}" in out
+    assert kill_and_resume(args, run, 4, env={"OMP_NUM_THREADS": "2"}) == 3
     final = load_checkpoint(run / "checkpoint.pth")
     expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
     assert_same_state(final["method"], expected["method"])
