@@ -1,8 +1,11 @@
 """Losses no dependency provides: MAE's pixel loss, DMAE's feature alignment, logit
-distillation (soft and hard), ViTKD's feature terms."""
+distillation (soft and hard), ViTKD's and ScaleKD's feature terms."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -83,3 +86,58 @@ def vitkd_generation_loss(
     """
     squared = (generated - teacher).pow(2) * compared.unsqueeze(-1)
     return squared.sum() / generated.shape[0] / mask_ratio
+
+
+def spatial_view_loss(projected_student: Tensor, teacher: Tensor) -> Tensor:
+    """ScaleKD's spatial view (Fan et al., arXiv:2411.06786; official `get_spat_loss`): each
+    position's feature L2-normalised over the channels, squared error summed, / batch size.
+
+    Args:
+        projected_student, teacher: [B, D, H, W] feature maps of the teacher's shape.
+    """
+    diff = F.normalize(projected_student, dim=1) - F.normalize(teacher, dim=1)
+    return diff.pow(2).sum() / projected_student.shape[0]
+
+
+def dct_matrix(size: int, device: torch.device | None = None) -> Tensor:
+    """The orthonormal DCT-II matrix [size, size]: row k is
+    c_k · cos(π (2n + 1) k / (2 · size)), c_0 = √(1/size), else √(2/size)."""
+    n = torch.arange(size, dtype=torch.float64, device=device)
+    basis = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
+    basis[0] *= math.sqrt(1 / size)
+    basis[1:] *= math.sqrt(2 / size)
+    return basis
+
+
+def without_dc(features: Tensor) -> Tensor:
+    """The frequency view of ScaleKD's dual-view mimicking: 2-D DCT-II over the spatial axes,
+    the DC (mean) coefficient zeroed, inverse DCT, so that what the global mean carries (which
+    the spatial view already dominates) is left out.
+
+    Args:
+        features: [B, D, H, W]. Returns: [B, D, H, W].
+    """
+    rows = dct_matrix(features.shape[-2], features.device).to(features.dtype)
+    cols = dct_matrix(features.shape[-1], features.device).to(features.dtype)
+    coefficients = rows @ features @ cols.T
+    dc = torch.zeros_like(coefficients[..., :1, :1])
+    coefficients = torch.cat(
+        [torch.cat([dc, coefficients[..., :1, 1:]], dim=-1), coefficients[..., 1:, :]], dim=-2
+    )
+    return rows.T @ coefficients @ cols
+
+
+def frequency_view_loss(
+    projected_student: Tensor, teacher: Tensor, compared: Tensor | None = None
+) -> Tensor:
+    """ScaleKD's frequency view: `spatial_view_loss` of both maps with their DC term removed
+    (`without_dc`), normalised afterwards.
+
+    Args:
+        projected_student, teacher: [B, D, H, W]; compared: [B, 1, H, W] 1 where the teacher
+            has a token (a masked teacher), else 0; None: everywhere.
+    """
+    student, target = without_dc(projected_student), without_dc(teacher)
+    if compared is not None:
+        student, target = student * compared, target * compared
+    return spatial_view_loss(student, target)

@@ -31,12 +31,14 @@ from ssl_kd.models.weights import read_state
 class ClassifierOutput:
     """logits [B, K]; for a ViT, when asked: cls_attention [B, H, N_kept], the last block's
     [CLS]→patch attention; tokens [B, P + N_kept, D] after the final norm; block_outputs: raw
-    outputs [B, P + N_kept, D] of the requested blocks (feature distillation)."""
+    outputs [B, P + N_kept, D] of the requested blocks (feature distillation). For a CNN:
+    feature_map [B, C, h, w], its last feature map (ScaleKD's student features)."""
 
     logits: Tensor
     cls_attention: Tensor | None = None
     tokens: Tensor | None = None
     block_outputs: dict[int, Tensor] = field(default_factory=dict)
+    feature_map: Tensor | None = None
 
 
 class Classifier(nn.Module):
@@ -98,7 +100,10 @@ class Classifier(nn.Module):
                 f"{type(self.backbone).__name__} is not a ViT: it has no patches to mask, no "
                 "[CLS] attention and no blocks of tokens"
             )
-        return ClassifierOutput(self.backbone(images))
+        model: Any = self.backbone  # timm's forward, in its two halves
+        features = model.forward_features(images)
+        logits = model.forward_head(features)
+        return ClassifierOutput(logits, feature_map=features if features.dim() == 4 else None)
 
 
 def is_vit_model(name: str) -> bool:
