@@ -1,28 +1,36 @@
 """ScaleKD's feature distillation on top of logit distillation, with MaskedKD's teacher masking.
 
 ScaleKD: Fan et al., "ScaleKD: Strong Vision Transformers Could Be Excellent Teachers",
-arXiv:2411.06786 (official code: deep-optimization/ScaleKD, `FreqMaskingDistillLoss`). A ViT
-teacher, a ViT or CNN student; three parts added to `kd`'s loss (τ = 1, 0.5 KD + 0.5 CE):
+arXiv:2411.06786 (official code: deep-optimization/ScaleKD, `FreqMaskingDistillLoss(v2)` in
+mmcls/models/dis_losses, `ClassificationDistiller`). A ViT teacher, a ViT or CNN student; three
+parts added to `kd`'s loss (τ = 1, 0.5 KD + 0.5 CE):
 - cross-attention projector (CAP): the student's last feature map (a CNN's last stage, a ViT's
   normed patch tokens on their grid) through Conv3×3-BN-ReLU plus a learned position embedding,
-  read by learned queries on the teacher's token grid (multi-head cross-attention), then
-  LayerNorm and a residual FFN: the teacher's token count and width, whatever the student's;
+  read by learned queries on the teacher's token grid (multi-head cross-attention, logits
+  scaled by 1/√d × `softmax_scale` as the official `WindowMultiheadPosAttention` scales them),
+  then LayerNorm and a residual FFN: the teacher's token count and width, whatever the student's;
 - dual-view feature mimicking: a spatial view (channel-L2-normalised squared error, weight
   α₀ = 0.08) and a frequency view (2-D DCT, DC coefficient zeroed, inverse DCT, then the same,
-  α₁ = 0.06), each through its own projector, against the teacher's last tokens;
+  α₁ = 0.06, as the official `get_freq_loss`), each through its own projector, against the
+  teacher's last tokens;
 - teacher parameter perception (TPP): a third projector maps the student into the teacher's
   space before its last `tpp_depth` blocks; the frozen teacher runs them on it (gradients reach
   the student, never the teacher) and both views compare the result with the teacher's output.
 
-Simplifications, said plainly: the paper aligns two stages; here one (the student's last
-features, and TPP entered from them), which lets a ResNet's last map alone be the student side.
-The official code's frequency view is an FFT with a band mask; DISTILLATION.md's DCT with the
-DC term removed is what is built. The softmax scale multiplies the usual 1/√d.
-With a masked teacher (MaskedKD, arXiv:2302.10494) every term is taken on the kept tokens only.
+Departures from the official code, said plainly: (1) it aligns two stages (the student's stages
+3 and 4); here one, the student's last features, which lets a ResNet's last map alone be the
+student side. (2) Its TPP runs stage 3's spatial and frequency projections through the
+teacher's last stage, and stage 4's projectors take those as queries; here a third projector
+enters from the last features and every projector has learned queries. (3) Its teachers are
+Swin (or EVA/BEiT) models built by mmcls; here any timm ViT. (4) With a masked teacher
+(MaskedKD, arXiv:2302.10494) every term is taken on the kept tokens only, which none of the
+original codes has. The logged teacher cost includes TPP's forward through the teacher's last
+blocks (not the backward through them, which carries the student's gradients).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +39,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ssl_kd.config.sections import Config, check_not_negative
+from ssl_kd.config.sections import Config, check_not_negative, check_positive
 from ssl_kd.errors import ConfigError
+from ssl_kd.flops import flop_counter
 from ssl_kd.losses import frequency_view_loss, spatial_view_loss
 from ssl_kd.masking import gather_patches
 from ssl_kd.methods.base import StepState, param_groups_without_wd_on_1d
@@ -40,7 +49,13 @@ from ssl_kd.methods.kd import KD, KDConfig
 from ssl_kd.methods.registry import register
 from ssl_kd.methods.vitkd import scatter_patches
 from ssl_kd.models.backbone import check_backbone
-from ssl_kd.models.classifier import Classifier, ClassifierOutput, is_vit_model
+from ssl_kd.models.classifier import (
+    Classifier,
+    ClassifierOutput,
+    create_timm_model,
+    feature_map_of,
+    is_vit_model,
+)
 
 
 @dataclass
@@ -50,7 +65,7 @@ class ScaleKDConfig(KDConfig):
     spatial_weight: float = 0.08  # α₀
     frequency_weight: float = 0.06  # α₁
     tpp_depth: int = 2  # the teacher's last blocks the projected student passes through
-    num_heads: int = 8
+    num_heads: int = 8  # of the projectors' cross-attention; must divide the teacher's width
     softmax_scale: float = 5.0
 
     def check(self) -> None:
@@ -59,11 +74,10 @@ class ScaleKDConfig(KDConfig):
             {"scalekd.spatial_weight": self.spatial_weight,
              "scalekd.frequency_weight": self.frequency_weight}
         )  # fmt: skip
-        if self.tpp_depth < 1 or self.num_heads < 1 or not self.softmax_scale > 0:
-            raise ConfigError(
-                f"scalekd.tpp_depth={self.tpp_depth} and scalekd.num_heads={self.num_heads} "
-                f"must be ≥ 1, scalekd.softmax_scale={self.softmax_scale} > 0"
-            )
+        check_positive(
+            {"scalekd.tpp_depth": self.tpp_depth, "scalekd.num_heads": self.num_heads,
+             "scalekd.softmax_scale": self.softmax_scale}
+        )  # fmt: skip
 
 
 class CrossAttentionProjector(nn.Module):
@@ -74,10 +88,7 @@ class CrossAttentionProjector(nn.Module):
         teacher_grid: tuple[int, int], num_heads: int, softmax_scale: float,
     ) -> None:  # fmt: skip
         super().__init__()
-        if teacher_dim % num_heads:
-            raise ConfigError(
-                f"scalekd.num_heads={num_heads} must divide the teacher's {teacher_dim}"
-            )
+        assert teacher_dim % num_heads == 0, "checked with the config"
         self.num_heads = num_heads
         self.scale = (teacher_dim // num_heads) ** -0.5 * softmax_scale
         self.proj_student = nn.Sequential(
@@ -135,17 +146,28 @@ class ScaleKD(KD):
 
     @classmethod
     def check_masking(cls, cfg: Config) -> None:
-        super().check_masking(cfg)
+        super().check_masking(cfg)  # the teacher's name, file and masking first
         scalekd: ScaleKDConfig = cfg.section(cls.section)
         if not is_vit_model(scalekd.teacher_name):
-            raise ConfigError(f"scalekd.teacher_name={scalekd.teacher_name} is not a ViT")
+            raise ConfigError(
+                f"scalekd.teacher_name={scalekd.teacher_name} is not a ViT: ScaleKD's targets "
+                "and teacher parameter perception need a timm VisionTransformer teacher"
+            )
         size = scalekd.teacher_img_size or cfg.data.global_crop_size
         teacher = check_backbone(scalekd.teacher_name, size, **dict(scalekd.teacher_kwargs))
         if scalekd.tpp_depth >= teacher.num_blocks:
             raise ConfigError(
-                f"scalekd.tpp_depth={scalekd.tpp_depth}: "
-                f"the teacher has {teacher.num_blocks} blocks"
+                f"scalekd.tpp_depth={scalekd.tpp_depth}: the teacher {scalekd.teacher_name} has "
+                f"{teacher.num_blocks} blocks and perception enters before its last tpp_depth; "
+                f"use 1 to {teacher.num_blocks - 1}"
             )
+        if teacher.embed_dim % scalekd.num_heads:
+            raise ConfigError(
+                f"scalekd.num_heads={scalekd.num_heads} does not divide the teacher's width "
+                f"{teacher.embed_dim}: the projectors attend in the teacher's width; use a "
+                f"divisor such as {math.gcd(teacher.embed_dim, 16)}"
+            )
+        check_student_map(cfg)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -157,6 +179,7 @@ class ScaleKD(KD):
             probe.shape[1], self.teacher.vit.embed_dim, tuple(probe.shape[2:]),
             self.teacher_grid, self.cfg.num_heads, self.cfg.softmax_scale,
         )  # fmt: skip
+        self._tpp_macs_cache: dict[int | None, int] = {}
 
     @property
     def heads_call(self) -> nn.Module:
@@ -172,6 +195,25 @@ class ScaleKD(KD):
             assert group["apply_wd"] == extra["apply_wd"]
             group["params"] = [*group["params"], *extra["params"]]
         return groups
+
+    def teacher_macs(self, keep: int | None) -> int:
+        """The teacher's forward, plus TPP's second pass through its last `tpp_depth` blocks
+        (and final norm) on the projected student, on as many tokens as the teacher kept."""
+        if keep not in self._tpp_macs_cache:
+            assert self.teacher_grid is not None
+            vit = self.teacher.vit
+            patches = self.teacher_grid[0] * self.teacher_grid[1] if keep is None else keep
+            param = next(self.teacher.parameters())
+            tokens = torch.zeros(
+                1, vit.num_prefix_tokens + patches, vit.embed_dim,
+                device=param.device, dtype=param.dtype,
+            )  # fmt: skip
+            with torch.no_grad(), flop_counter() as counter:
+                for block in vit.vit.blocks[self.tpp_block + 1 :]:
+                    tokens = block(tokens)
+                vit.vit.norm(tokens)
+            self._tpp_macs_cache[keep] = int(counter.get_total_flops()) // 2
+        return super().teacher_macs(keep) + self._tpp_macs_cache[keep]
 
     def feature_loss(
         self, student: ClassifierOutput, teacher: ClassifierOutput, keep_idx: Tensor | None,
@@ -211,6 +253,29 @@ class ScaleKD(KD):
             terms["frequency_loss"] + terms["tpp_frequency_loss"]
         )
         return loss, {name: term.item() for name, term in terms.items()}
+
+
+def check_student_map(cfg: Config) -> None:
+    """A student that is not a ViT must give a feature map [B, C, h, w] (a CNN's last stage):
+    checked on the meta device, before any work."""
+    if is_vit_model(cfg.model.name):
+        return  # its patch tokens, on their grid
+    size = cfg.data.global_crop_size
+    with torch.device("meta"):
+        model: Any = create_timm_model(cfg.model.name, **dict(cfg.model.kwargs)).eval()
+        try:
+            features = model.forward_features(torch.empty(1, 3, size, size))
+        except (RuntimeError, ValueError, AssertionError) as err:
+            raise ConfigError(
+                f"model.name={cfg.model.name} cannot run on data.global_crop_size={size} crops: "
+                f"{err}"
+            ) from None
+    if feature_map_of(model, features) is None:
+        raise ConfigError(
+            f"model.name={cfg.model.name} gives {list(features.shape)} from its last stage, not "
+            f"a feature map [B, {model.num_features}, h, w]: ScaleKD's projectors read a CNN's "
+            "last feature map or a ViT's patch tokens; use a CNN (e.g. resnet50) or a ViT"
+        )
 
 
 def student_map_of(student: Classifier, out: ClassifierOutput) -> Tensor:

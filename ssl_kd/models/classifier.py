@@ -103,7 +103,16 @@ class Classifier(nn.Module):
         model: Any = self.backbone  # timm's forward, in its two halves
         features = model.forward_features(images)
         logits = model.forward_head(features)
-        return ClassifierOutput(logits, feature_map=features if features.dim() == 4 else None)
+        return ClassifierOutput(logits, feature_map=feature_map_of(model, features))
+
+
+def feature_map_of(model: Any, features: Tensor) -> Tensor | None:
+    """A timm model's `forward_features` output if it is a map [B, C, h, w] with the model's
+    `num_features` channels first (a CNN's last stage); None otherwise: tokens [B, N, D] (an
+    MLP-Mixer), channels last [B, h, w, C] (timm's Swin), pooled features."""
+    if features.dim() == 4 and features.shape[1] == model.num_features:
+        return features
+    return None
 
 
 def is_vit_model(name: str) -> bool:
