@@ -1,22 +1,31 @@
 """`method: scalekd` (ssl_kd/methods/scalekd.py): both views against their formulas, teacher
-parameter perception's gradients (the student's, never the teacher's), a ResNet student."""
+parameter perception's gradients (the student's, never the teacher's), a ResNet student, the
+teacher's cost with TPP's second pass, a killed run resumed bitwise, and config mistakes as one
+line with exit status 2."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ssl_kd.cli import main
 from ssl_kd.engine.build import build_method
-from ssl_kd.engine.trainer import Trainer
+from ssl_kd.engine.checkpoint import load_checkpoint
+from ssl_kd.engine.trainer import Trainer, train
+from ssl_kd.flops import forward_macs
 from ssl_kd.losses import frequency_view_loss, spatial_view_loss, without_dc
 from ssl_kd.methods.base import StepState
 from ssl_kd.methods.scalekd import student_map_of
 from ssl_kd.models.classifier import create_classifier
-from tests.helpers import tiny_config
+from tests.helpers import kill_and_resume, run_cli, tiny_config, tiny_overrides
 
 TEACHER_KWARGS = "{patch_size: 4, embed_dim: 96, depth: 3, num_heads: 3}"
-TINY_RESNET = {"model.name": "resnet18", "model.kwargs": "{layers: [1, 1, 1, 1]}"}
+TINY_RESNET = {
+    "model.name": "resnet18",
+    "model.kwargs": "{layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], stem_width: 16}",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,7 @@ def teacher_file(tmp_path_factory):
     return path
 
 
-def scalekd_config(tmp_path, teacher_path, **extra):
+def scalekd_values(teacher_path, **extra):
     values = {
         "method": "scalekd", "scalekd.teacher_name": "vit_tiny_patch16_224",
         "scalekd.teacher_checkpoint": str(teacher_path), "scalekd.teacher_kwargs": TEACHER_KWARGS,
@@ -38,7 +47,11 @@ def scalekd_config(tmp_path, teacher_path, **extra):
         "data.hflip_prob": 0.0, "eval.classify_at_end": False,
     }  # fmt: skip
     values.update(extra)
-    return tiny_config(tmp_path, **values)
+    return values
+
+
+def scalekd_config(tmp_path, teacher_path, **extra):
+    return tiny_config(tmp_path, **scalekd_values(teacher_path, **extra))
 
 
 def explicit_dct(size):
@@ -57,9 +70,10 @@ def test_frequency_view_is_the_dct_with_its_dc_term_zeroed():
     coefficients[:, :, 0, 0] = 0
     expected = torch.einsum("kh,bdkl,lw->bdhw", rows, coefficients, cols)
     assert torch.allclose(without_dc(features), expected, atol=1e-12)
-    # the DC coefficient is the (scaled) mean: removing it leaves a zero-mean map per channel
+    # the DC coefficient is the (scaled) mean: removing it subtracts each channel's mean over
+    # the map, whatever the DCT's normalisation (the official code's is unnormalised)
     assert torch.allclose(
-        without_dc(features).mean(dim=(2, 3)), torch.zeros(2, 3, dtype=torch.float64)
+        without_dc(features), features - features.mean(dim=(2, 3), keepdim=True), atol=1e-12
     )
     student = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     normed = F.normalize(without_dc(student), dim=1) - F.normalize(expected, dim=1)
@@ -133,3 +147,138 @@ def test_a_resnet_student_trains_with_scalekd(tmp_path, teacher_file):
     )
     assert all(torch.equal(v, trainer.method.teacher.state_dict()[k])
                for k, v in teacher_before.items())  # fmt: skip
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_teacher_cost_counts_tpp_through_the_last_blocks(tmp_path, teacher_file, keep_ratio):
+    """TPP runs the teacher's last tpp_depth blocks a second time, on the projected student:
+    per block 12·N·D² + 2·N²·D multiply-adds (qkv, scores, weighted sum, projection, MLP ×4)
+    on N = [CLS] + the patches the teacher kept."""
+    cfg = scalekd_config(tmp_path, teacher_file, **{"scalekd.tpp_depth": 2,
+                                                     "masking.keep_ratio": keep_ratio})  # fmt: skip
+    method = build_method(cfg)
+    out = method(
+        [torch.randn(2, 3, 32, 32), torch.tensor([0, 1])], StepState(0, 0, torch.Generator())
+    )
+    kept = 64 if keep_ratio == 1.0 else 32
+    tokens, dim = 1 + kept, 96
+    tpp = 2 * (12 * tokens * dim * dim + 2 * tokens * tokens * dim)
+    keep = None if keep_ratio == 1.0 else kept
+    assert out.teacher_macs == 2 * (forward_macs(method.teacher, 32, keep) + tpp)
+    full = 65
+    tpp_full = 2 * (12 * full * dim * dim + 2 * full * full * dim)
+    assert out.teacher_macs_unmasked == 2 * (forward_macs(method.teacher, 32) + tpp_full)
+
+
+# --- resume ---------------------------------------------------------------------------------
+TINY_RESNET_RUN = {
+    **TINY_RESNET, "masking.keep_ratio": 0.5, "masking.strategy": "random",
+    "scalekd.mixup": 0.8, "scalekd.cutmix": 1.0,
+}  # fmt: skip
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, teacher_file, capsys):
+    """In-process and with the tiny ViT student (the ResNet one is the slow test below)."""
+    extra = {"masking.keep_ratio": 0.5, "masking.strategy": "random", "scalekd.mixup": 0.8,
+             "train.checkpoint_every_steps": 2}  # fmt: skip
+    train(scalekd_config(tmp_path / "reference", teacher_file, **extra, **{"train.max_steps": 3}))
+    train(scalekd_config(tmp_path / "run", teacher_file, **extra, **{"train.max_steps": 2}))
+    capsys.readouterr()
+    train(scalekd_config(tmp_path / "run", teacher_file, **extra, **{"train.max_steps": 3}))
+    assert "at step 2" in capsys.readouterr().out  # resumed, not trained again from step 0
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
+    assert final["step"] == expected["step"] == 3
+    assert_same_state(final["method"], expected["method"])
+    assert final["totals"] == expected["totals"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_the_same_command_reaches_the_same_weights(tmp_path, teacher_file):
+    """A ResNet student (BatchNorm buffers), a masked teacher and Mixup/CutMix: a real process
+    killed between checkpoints, then the same command, against an uninterrupted run. The frozen
+    teacher is never saved; the projectors are."""
+    extra = scalekd_values(
+        teacher_file, **TINY_RESNET_RUN, **{"train.max_steps": 7,
+                                            "train.checkpoint_every_steps": 3,
+                                            "train.log_every_steps": 1}
+    )  # fmt: skip
+    train(tiny_config(tmp_path / "reference", **extra))
+    run = tmp_path / "killed"
+    (tmp_path / "run.yaml").write_text("{}\n")
+    args = ["train", str(tmp_path / "run.yaml"), *tiny_overrides(run, **extra)]
+    assert kill_and_resume(args, run, 4, env={"OMP_NUM_THREADS": "2"}) == 3
+    final = load_checkpoint(run / "checkpoint.pth")
+    expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
+    assert_same_state(final["method"], expected["method"])
+    assert final["totals"] == expected["totals"]  # the teacher's cost, TPP included
+    assert any(key.startswith("heads.perception.") for key in final["method"])
+    assert any(key.endswith("running_mean") for key in final["method"])
+    assert not any(key.startswith("teacher") for key in final["method"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+# --- config mistakes ------------------------------------------------------------------------
+CONFIG_MISTAKES = {
+    "tpp deeper than the teacher": (
+        {"scalekd.tpp_depth": 3},
+        "scalekd.tpp_depth=3: the teacher vit_tiny_patch16_224 has 3 blocks and perception "
+        "enters before its last tpp_depth; use 1 to 2",
+    ),
+    "tpp depth 0": ({"scalekd.tpp_depth": 0}, "scalekd.tpp_depth=0 must be > 0"),
+    "unknown key": ({"scalekd.tpp_dept": 1}, "Did you mean 'scalekd.tpp_depth'?"),
+    "heads vs teacher width": (
+        {"scalekd.num_heads": 5},
+        "scalekd.num_heads=5 does not divide the teacher's width 96: the projectors attend in "
+        "the teacher's width; use a divisor such as 16",
+    ),
+    "teacher not a ViT": (
+        {"scalekd.teacher_name": "resnet18", "scalekd.teacher_kwargs": "{}"},
+        "scalekd.teacher_name=resnet18 is not a ViT",
+    ),
+    "student without a feature map": (
+        {"model.name": "mixer_s16_224", "model.kwargs": "{img_size: 32}"},
+        "model.name=mixer_s16_224 gives [1, 4, 512] from its last stage, not a feature map "
+        "[B, 512, h, w]: ScaleKD's projectors read a CNN's last feature map or a ViT's patch "
+        "tokens; use a CNN (e.g. resnet50) or a ViT",
+    ),
+    "student that cannot take the crops": (
+        {"model.name": "mixer_s16_224", "model.kwargs": "{}"},
+        "model.name=mixer_s16_224 cannot run on data.global_crop_size=32 crops: Input height "
+        "(32) doesn't match model (224)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_MISTAKES)
+def test_a_config_mistake_is_one_line_exit_2_before_any_work(tmp_path, teacher_file, capsys,
+                                                             case):  # fmt: skip
+    extra, expected = CONFIG_MISTAKES[case]
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(tmp_path / "out", **scalekd_values(teacher_file, **extra))
+    assert main(["train", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssl-kd: error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_mistake_stops_a_real_process_with_exit_2(tmp_path, teacher_file):
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(
+        tmp_path / "out", **scalekd_values(teacher_file, **{"scalekd.tpp_depth": 3})
+    )
+    result = run_cli("train", str(config), *overrides, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ssl-kd: error: scalekd.tpp_depth=3: the teacher")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
