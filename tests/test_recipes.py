@@ -94,6 +94,27 @@ MASKEDKD_S_FROM_B: dict[str, Any] = {
 }  # fmt: skip
 
 
+# deep-optimization/ScaleKD, configs/distillers/traditional_traning_strategy/
+# swin-l_distill_res50_img_s3_s4.py on configs/resnet/resnet50_8xb32_in1k.py (its _base_:
+# models/resnet50.py, datasets/imagenet_bs32.py, schedules/imagenet_bs256.py) run by
+# `tools/dist_train.sh CONFIG 8`. The teacher is not here: the recipe's ViT-B/16 stands in for
+# its Swin-L (a deliberate difference the header names).
+SCALEKD_RES50: dict[str, Any] = {
+    "method": "scalekd", "model.name": "resnet50", "model.drop_path_rate": 0.0,
+    "data.global_crop_size": 224, "data.global_crop_scale": [0.08, 1.0],
+    "data.hflip_prob": 0.5, "data.repeated_augmentation": 1, "data.num_workers": 8,
+    "masking.keep_ratio": 1.0,
+    "scalekd.num_classes": 1000, "scalekd.smoothing": 0.0, "scalekd.mixup": 0.0,
+    "scalekd.cutmix": 0.0, "scalekd.auto_augment": None, "scalekd.color_jitter": 0.0,
+    "scalekd.random_erasing": 0.0, "scalekd.interpolation": "bilinear",
+    "scalekd.clip_grad": 0.0, "scalekd.distillation": "soft", "scalekd.alpha": 0.5,
+    "scalekd.tau": 1.0, "scalekd.spatial_weight": 0.08, "scalekd.frequency_weight": 0.06,
+    "scalekd.softmax_scale": 5.0, "scalekd.num_heads": 16, "scalekd.tpp_depth": 2,
+    "optim.name": "sgd", "optim.warmup_epochs": 0, "optim.weight_decay": 1e-4,
+    "optim.weight_decay_end": 1e-4, "train.epochs": 100, "train.amp": False,
+}  # fmt: skip
+
+
 @dataclass
 class Recipe:
     official: dict[str, Any]
@@ -126,10 +147,25 @@ RECIPES = {
         teacher_file="deit_base_patch16_224-b5f2ef4d.pth",
         teacher_key="kd.teacher_checkpoint",
     ),
+    # SGD lr 0.1 for 256 images. The teacher file is the recipe's stand-in, the DeiT-B release.
+    "scalekd_resnet50_from_vit_b16.yaml": Recipe(
+        SCALEKD_RES50,
+        processes=8,
+        global_batch=256,
+        peak_lr=0.1,
+        teacher_file="deit_base_patch16_224-b5f2ef4d.pth",
+        teacher_key="scalekd.teacher_checkpoint",
+    ),
 }
 CLAIM = re.compile(r"→ ([a-z_]+(?:\.[a-z_]+)+): (.+?)(?: \(|$)", re.MULTILINE)
 # Keys the test points at local files (the recipes name placeholders): compared in the YAML only.
-LOCAL_FILES = ("data.path", "dmae.teacher_checkpoint", "kd.teacher_checkpoint", "eval.val_path")
+LOCAL_FILES = (
+    "data.path",
+    "dmae.teacher_checkpoint",
+    "kd.teacher_checkpoint",
+    "scalekd.teacher_checkpoint",
+    "eval.val_path",
+)
 
 
 def header(path: Path) -> str:
@@ -154,6 +190,7 @@ def loaded(path: Path, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         f"data.path={tmp_path}",
         f"dmae.teacher_checkpoint={teacher}",
         f"kd.teacher_checkpoint={teacher}",
+        f"scalekd.teacher_checkpoint={teacher}",
         f"eval.val_path={tmp_path}",
     ]
     return raw, flatten(to_dict(load_config(path, overrides)), free)
