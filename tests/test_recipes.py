@@ -94,6 +94,41 @@ MASKEDKD_S_FROM_B: dict[str, Any] = {
 }  # fmt: skip
 
 
+# MaskedKD (arXiv:2302.10494) Table 2's DeiT-S → DeiT-Ti: the README command with
+# `--model deit_tiny_patch16_224 --teacher_model deit_small` (8 × 128, as the first README trained
+# DeiT-Ti), and appendix A's augmentation for the tiny student: random resized crops and flips,
+# nothing else (no RandAugment, colour jitter, random erasing, Mixup or CutMix).
+MASKEDKD_TI_FROM_S: dict[str, Any] = {
+    **MASKEDKD_S_FROM_B, "model.name": "deit_tiny_patch16_224",
+    "kd.teacher_name": "deit_small_patch16_224", "kd.auto_augment": None,
+    "kd.color_jitter": 0.0, "kd.random_erasing": 0.0, "kd.mixup": 0.0, "kd.cutmix": 0.0,
+}  # fmt: skip
+
+
+# yzd-v/cls_KD, branch master: configs/distillers/imagenet/deit-s_distill_deit-t_img.py on
+# configs/deit/deit-tiny_pt-4xb256_in1k.py (deit-small_pt-4xb256_in1k.py's bases:
+# imagenet_bs64_swin_224.py, imagenet_bs1024_adamw_swin.py) run by `tools/dist_train.sh CONFIG 4`.
+# Its logit term is NKD; ssl_kd's is the file's switched-off KDLoss entry (temp 1, alpha 0.5).
+VITKD_TI_FROM_S: dict[str, Any] = {
+    "method": "vitkd", "model.name": "deit_tiny_patch16_224", "model.img_size": 224,
+    "model.drop_path_rate": 0.0, "data.global_crop_size": 224,
+    "data.global_crop_scale": [0.08, 1.0], "data.hflip_prob": 0.5,
+    "data.repeated_augmentation": 1, "data.num_workers": 5, "masking.keep_ratio": 1.0,
+    "vitkd.teacher_name": "deit_small_patch16_224", "vitkd.mimic_blocks": [0, 1],
+    "vitkd.mimic_weight": 3e-5, "vitkd.generation_weight": 3e-6,
+    "vitkd.generation_mask_ratio": 0.5, "vitkd.distillation": "soft", "vitkd.alpha": 0.5,
+    "vitkd.tau": 1.0, "vitkd.num_classes": 1000, "vitkd.smoothing": 0.1, "vitkd.mixup": 0.8,
+    "vitkd.cutmix": 1.0, "vitkd.mixup_prob": 1.0, "vitkd.mixup_switch_prob": 0.5,
+    "vitkd.mixup_mode": "batch", "vitkd.auto_augment": "rand-m9-mstd0.5-inc1",
+    "vitkd.color_jitter": 0.0, "vitkd.interpolation": "bicubic", "vitkd.random_erasing": 0.25,
+    "vitkd.random_erasing_mode": "pixel", "vitkd.random_erasing_count": 1,
+    "vitkd.clip_grad": 5.0,
+    "optim.name": "adamw", "optim.betas": [0.9, 0.999], "optim.min_lr": 1e-5,
+    "optim.warmup_epochs": 20, "optim.weight_decay": 0.05, "optim.weight_decay_end": 0.05,
+    "train.epochs": 300, "train.amp": False, "eval.classify_every_epochs": 10,
+}  # fmt: skip
+
+
 # deep-optimization/ScaleKD, configs/distillers/traditional_traning_strategy/
 # swin-l_distill_res50_img_s3_s4.py on configs/resnet/resnet50_8xb32_in1k.py (its _base_:
 # models/resnet50.py, datasets/imagenet_bs32.py, schedules/imagenet_bs256.py) run by
@@ -147,6 +182,24 @@ RECIPES = {
         teacher_file="deit_base_patch16_224-b5f2ef4d.pth",
         teacher_key="kd.teacher_checkpoint",
     ),
+    "maskedkd_deit_ti16_from_s16.yaml": Recipe(
+        MASKEDKD_TI_FROM_S,
+        processes=8,
+        global_batch=1024,
+        peak_lr=1e-3,
+        teacher_file="deit_small_patch16_224-cd65a155.pth",
+        teacher_key="kd.teacher_checkpoint",
+    ),
+    # AdamW lr 1e-3 for 1024 images. The teacher file is DeiT's release in place of mmcls's
+    # own DeiT-S (deit-small_pt-4xb256_in1k_20220218-9425b9bb.pth).
+    "vitkd_deit_ti16_from_s16.yaml": Recipe(
+        VITKD_TI_FROM_S,
+        processes=4,
+        global_batch=1024,
+        peak_lr=1e-3,
+        teacher_file="deit_small_patch16_224-cd65a155.pth",
+        teacher_key="vitkd.teacher_checkpoint",
+    ),
     # SGD lr 0.1 for 256 images. The teacher file is the recipe's stand-in, the DeiT-B release.
     "scalekd_resnet50_from_vit_b16.yaml": Recipe(
         SCALEKD_RES50,
@@ -164,6 +217,7 @@ LOCAL_FILES = (
     "dmae.teacher_checkpoint",
     "kd.teacher_checkpoint",
     "scalekd.teacher_checkpoint",
+    "vitkd.teacher_checkpoint",
     "eval.val_path",
 )
 
@@ -191,6 +245,7 @@ def loaded(path: Path, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         f"dmae.teacher_checkpoint={teacher}",
         f"kd.teacher_checkpoint={teacher}",
         f"scalekd.teacher_checkpoint={teacher}",
+        f"vitkd.teacher_checkpoint={teacher}",
         f"eval.val_path={tmp_path}",
     ]
     return raw, flatten(to_dict(load_config(path, overrides)), free)
@@ -247,3 +302,42 @@ def test_recipe_carries_the_official_values(name, tmp_path):
     assert config["optim.lr"] * global_batch / 256 == pytest.approx(recipe.peak_lr)
     if recipe.teacher_file:
         assert Path(raw[recipe.teacher_key]).name == recipe.teacher_file
+
+
+# What each DeiT-Ti recipe's per-image transform must hold and must not: MaskedKD's appendix A
+# trains the tiny student on random resized crops and flips alone; ViTKD's mmcls pipeline adds
+# RandAugment and random erasing, never colour jitter.
+CROP = "RandomResizedCropAndInterpolation(size=(224, 224), scale=(0.08, 1.0)"
+TINY_TRANSFORMS = {
+    "maskedkd_deit_ti16_from_s16.yaml": (
+        [CROP, "interpolation=bicubic", "RandomHorizontalFlip(p=0.5)"],
+        ["RandAugment", "RandomErasing", "brightness=("],
+    ),
+    "vitkd_deit_ti16_from_s16.yaml": (
+        [CROP, "interpolation=bicubic", "RandomHorizontalFlip(p=0.5)", "RandAugment(n=2",
+         "m=9, mstd=0.5", "RandomErasing(p=0.25, mode=pixel, count=(1, 1))"],
+        ["brightness=("],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(TINY_TRANSFORMS))
+def test_tiny_recipe_builds_the_official_augmentation(name, tmp_path):
+    from ssl_kd.methods import method_class
+
+    path = REPO / "configs" / name
+    teacher = tmp_path / "teacher.pth"
+    teacher.touch()
+    section = yaml.safe_load(path.read_text())["method"]
+    cfg = load_config(
+        path,
+        [
+            f"data.path={tmp_path}",
+            f"eval.val_path={tmp_path}",
+            f"{section}.teacher_checkpoint={teacher}",
+        ],
+    )
+    transform = repr(method_class(cfg.method).train_transform(cfg))
+    present, absent = TINY_TRANSFORMS[name]
+    assert all(part in transform for part in present), transform
+    assert not any(part in transform for part in absent), transform
