@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-dmae test test-slurm test-slow test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp bench-dino-step study study-quick
+.PHONY: demo demo-dmae demo-kd test test-slurm test-slow test-all lint bench-teacher-cost bench-dmae-step bench-linear-cache bench-dino-ddp bench-dino-step study study-quick study-kd study-kd-quick
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 demo-dmae: $(STAMP)
 	$(VENV)/bin/ssl-kd train configs/demo_mae_teacher.yaml
 	$(VENV)/bin/ssl-kd train configs/demo_dmae.yaml
+
+# A ViT teacher trained on the cluttered digits, then a smaller student four ways (no KD, logit KD,
+# MaskedKD at keep 0.5, MaskedKD + ViTKD): one table of student top-1 and teacher PFLOPs.
+demo-kd: $(STAMP)
+	$(VENV)/bin/python eval/bench/kd_study.py --demo $(ARGS)
 
 # Fast CPU tests (well under 15 minutes); slow/slurm/gpu tests run with test-all.
 test: $(STAMP)
@@ -66,3 +71,10 @@ study: $(STAMP)
 
 study-quick: $(STAMP)
 	$(VENV)/bin/python eval/bench/learning.py --quick
+
+# Supervised distillation on the cluttered digits (3 seeds, every row): eval/bench/RESULTS.md.
+study-kd: $(STAMP)
+	$(VENV)/bin/python eval/bench/kd_study.py
+
+study-kd-quick: $(STAMP)
+	$(VENV)/bin/python eval/bench/kd_study.py --quick

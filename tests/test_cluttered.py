@@ -56,7 +56,7 @@ def test_the_digit_lies_inside_the_canvas_and_is_whole():
     assert (layout.top + layout.size <= CANVAS).all() and (
         layout.left + layout.size <= CANVAS
     ).all()
-    assert (layout.size >= 14).all() and (layout.size <= 24).all()
+    assert (layout.size >= 16).all() and (layout.size <= 24).all()
     rows = torch.arange(CANVAS).view(1, -1, 1)
     columns = torch.arange(CANVAS).view(1, 1, -1)
     top, left, size = (value.view(-1, 1, 1) for value in (layout.top, layout.left, layout.size))

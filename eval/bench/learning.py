@@ -29,10 +29,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import fmt, machine, mean_std, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
@@ -155,12 +155,6 @@ def run_one(row: Row, seed: int, mode: str, workdir: Path, teacher_ckpt: Path) -
     return record
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1); the std is 0 for a single value."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """One line per row name, in `names` order: mean ± std of each metric over its seeds."""
     lines = []
@@ -172,24 +166,6 @@ def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str,
             line[key] = mean_std([float(r[key]) for r in mine])
         lines.append(line)
     return lines
-
-
-def fmt(value: tuple[float, float], digits: int = 1) -> str:
-    mean, std = value
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()}"
-    )
 
 
 def markdown(lines: list[dict[str, Any]], command: str, mode: str, wall_s: float) -> str:
@@ -273,7 +249,7 @@ def main() -> None:
     lines = aggregate(records, [row.name for row in ROWS] + [TEACHER.name])
     results.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(lines, command, mode, time.perf_counter() - start)
-    results.write_text(text)
+    write_section(results, "learning", text)
     (results.parent / "learning.json").write_text(json.dumps(records, indent=2) + "\n")
     print(text)
     print(f"written: {results}")

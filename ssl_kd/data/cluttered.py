@@ -6,6 +6,11 @@ which patches a masked teacher sees decides what it can tell the student (Masked
 arXiv:2302.10494). Generated in code from a fixed seed, the same on every machine, once per
 process (cached); the train/test split follows the digits' rule (`stratified_split`, the run's
 seed), and labels are the digits' labels in the digits' order.
+
+How much clutter: enough that most patches hold no pixel of the digit, little enough that a tiny
+ViT learns the task from scratch in minutes on a CPU (`make demo-kd`). With 3-6 fragments and
+noise up to 0.25 a width-96, depth-6 ViT stayed at chance (loss 2.30) for 440 steps of 64
+images; with 1-3 fragments and noise up to 0.1 it reached 64% top-1 in 880 steps.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from ssl_kd.data.datasets import stratified_split
 
 CANVAS = 64  # px
 GENERATION_SEED = 20240215  # fixed: the data set never depends on a run's seed
-DIGIT_SIZE = (0.22, 0.375)  # the placed digit's side as a fraction of the canvas: 14..24 px
-FRAGMENTS = (3, 6)  # fragments of other digits per image, inclusive
+DIGIT_SIZE = (0.25, 0.375)  # the placed digit's side as a fraction of the canvas: 16..24 px
+FRAGMENTS = (1, 3)  # fragments of other digits per image, inclusive
 FRAGMENT_CELLS = 4  # a fragment is a 4 × 4 window of another 8 × 8 digit (a quarter of it)
-NOISE = 0.25  # uniform background noise in [0, NOISE]
+NOISE = 0.1  # uniform background noise in [0, NOISE]
 
 
 @dataclass(frozen=True)

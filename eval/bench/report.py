@@ -1,0 +1,55 @@
+"""What the studies share: mean ± std over seeds, the machine line, and one section per study in
+eval/bench/RESULTS.md (each study rewrites its own section and leaves the others as they are)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1); the std is 0 for a single value."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(value: tuple[float, float], digits: int = 1) -> str:
+    mean, std = value
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()}"
+    )
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replaces study `name`'s section of the Markdown file `path` by `text` (appends it when the
+    file has none), through a temporary file renamed over `path`: a killed study leaves the old
+    file whole."""
+    begin, end = f"<!-- study: {name} -->", f"<!-- end of study: {name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old, count=1)
+    else:
+        new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(new)
+    partial.replace(path)
