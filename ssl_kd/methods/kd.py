@@ -35,7 +35,13 @@ from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import hard_distillation_loss, soft_distillation_loss
 from ssl_kd.masking import interpolate_scores, num_kept, select
-from ssl_kd.methods.base import KeepRatioSchedule, StepOutput, StepState, masking_strategy
+from ssl_kd.methods.base import (
+    KeepRatioSchedule,
+    StepOutput,
+    StepState,
+    masking_strategy,
+    param_groups_without_wd_on_1d,
+)
 from ssl_kd.methods.registry import register
 from ssl_kd.methods.supervised import Supervised, SupervisedConfig, classes_of
 from ssl_kd.models.backbone import check_backbone
@@ -282,3 +288,27 @@ class KD(Supervised):
         if keep not in self._macs_cache:
             self._macs_cache[keep] = forward_macs(self.teacher, self.teacher_size, keep)
         return self._macs_cache[keep]
+
+
+class FeatureKD(KD):
+    """`kd` plus trainable feature heads (`self.heads`, set by the subclass: ViTKD's, ScaleKD's)
+    that train with the student, in the student's parameter groups and a DDP wrapper of their
+    own (the frozen teacher stays outside DDP)."""
+
+    heads: nn.Module
+
+    @property
+    def heads_call(self) -> nn.Module:
+        """The heads' forward: their DDP wrapper once `wrap_trainable` ran."""
+        return self.__dict__.get("_heads_wrapper", self.heads)
+
+    def wrap_trainable(self, wrap: Any) -> None:
+        super().wrap_trainable(wrap)
+        self.__dict__["_heads_wrapper"] = wrap(self.heads)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
+        for group, extra in zip(groups, param_groups_without_wd_on_1d(self.heads), strict=True):
+            assert group["apply_wd"] == extra["apply_wd"]
+            group["params"] = [*group["params"], *extra["params"]]
+        return groups

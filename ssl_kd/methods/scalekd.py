@@ -44,8 +44,8 @@ from ssl_kd.errors import ConfigError
 from ssl_kd.flops import flop_counter
 from ssl_kd.losses import frequency_view_loss, spatial_view_loss
 from ssl_kd.masking import gather_patches
-from ssl_kd.methods.base import StepState, param_groups_without_wd_on_1d
-from ssl_kd.methods.kd import KD, KDConfig
+from ssl_kd.methods.base import StepState
+from ssl_kd.methods.kd import FeatureKD, KDConfig
 from ssl_kd.methods.registry import register
 from ssl_kd.methods.vitkd import scatter_patches
 from ssl_kd.models.backbone import check_backbone
@@ -134,7 +134,7 @@ class ScaleKDHeads(nn.Module):
 
 
 @register
-class ScaleKD(KD):
+class ScaleKD(FeatureKD):
     """`kd` with ScaleKD's projector, dual-view mimicking and TPP (see the module docstring)."""
 
     names = ("scalekd",)
@@ -180,21 +180,6 @@ class ScaleKD(KD):
             self.teacher_grid, self.cfg.num_heads, self.cfg.softmax_scale,
         )  # fmt: skip
         self._tpp_macs_cache: dict[int | None, int] = {}
-
-    @property
-    def heads_call(self) -> nn.Module:
-        return self.__dict__.get("_heads_wrapper", self.heads)
-
-    def wrap_trainable(self, wrap: Any) -> None:
-        super().wrap_trainable(wrap)  # the heads train with the student, in their own DDP
-        self.__dict__["_heads_wrapper"] = wrap(self.heads)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        groups = super().param_groups()
-        for group, extra in zip(groups, param_groups_without_wd_on_1d(self.heads), strict=True):
-            assert group["apply_wd"] == extra["apply_wd"]
-            group["params"] = [*group["params"], *extra["params"]]
-        return groups
 
     def teacher_macs(self, keep: int | None) -> int:
         """The teacher's forward, plus TPP's second pass through its last `tpp_depth` blocks

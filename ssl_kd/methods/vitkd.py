@@ -28,8 +28,8 @@ from ssl_kd.config.sections import Config, check_not_negative
 from ssl_kd.errors import ConfigError
 from ssl_kd.losses import vitkd_generation_loss, vitkd_mimic_loss
 from ssl_kd.masking import complement, gather_patches, select
-from ssl_kd.methods.base import StepState, param_groups_without_wd_on_1d
-from ssl_kd.methods.kd import KD, KDConfig
+from ssl_kd.methods.base import StepState
+from ssl_kd.methods.kd import FeatureKD, KDConfig
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import check_backbone
 from ssl_kd.models.classifier import ClassifierOutput, is_vit_model
@@ -100,7 +100,7 @@ class ViTKDHeads(nn.Module):
 
 
 @register
-class ViTKD(KD):
+class ViTKD(FeatureKD):
     """`kd` with ViTKD's mimicking and generation terms (see the module docstring)."""
 
     names = ("vitkd",)
@@ -143,24 +143,6 @@ class ViTKD(KD):
             self.student.vit.embed_dim, self.teacher.vit.embed_dim, len(self.student_blocks),
             self.student_grid,
         )  # fmt: skip
-
-    @property
-    def heads_call(self) -> nn.Module:
-        """The heads' forward: their DDP wrapper once `wrap_trainable` ran."""
-        return self.__dict__.get("_heads_wrapper", self.heads)
-
-    def wrap_trainable(self, wrap: Any) -> None:
-        # The heads train with the student: a DDP wrapper of their own keeps their gradients
-        # in sync across ranks (the frozen teacher stays outside DDP).
-        super().wrap_trainable(wrap)
-        self.__dict__["_heads_wrapper"] = wrap(self.heads)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        groups = super().param_groups()
-        for group, extra in zip(groups, param_groups_without_wd_on_1d(self.heads), strict=True):
-            assert group["apply_wd"] == extra["apply_wd"]
-            group["params"] = [*group["params"], *extra["params"]]
-        return groups
 
     def feature_loss(
         self, student: ClassifierOutput, teacher: ClassifierOutput, keep_idx: Tensor | None,
