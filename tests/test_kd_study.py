@@ -111,3 +111,24 @@ def test_quick_study_costs_match_the_flop_counter(tmp_path: Path) -> None:
                                       abs=0.01)  # fmt: skip
     for record in records.values():
         assert 0 <= record["val_top1"] <= 100
+
+
+def test_reuse_reads_a_finished_run_of_the_same_config_only(tmp_path: Path, monkeypatch) -> None:
+    """`--reuse` (a study killed and started again) takes a run's summary.json only when its
+    config.yaml is the config the study would train now; any other run is trained again."""
+    import ssl_kd.engine.trainer as trainer
+    from ssl_kd.config import to_yaml
+
+    study = bench("kd_study")
+    values = study.teacher_values(0, tmp_path, quick=True)
+    out = Path(values["output_dir"])
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(config_from_dict(values)))
+    (out / "summary.json").write_text(json.dumps({"val_top1": 12.5}))
+    trained = []
+    monkeypatch.setattr(trainer, "train", lambda cfg, **_: trained.append(cfg) or {"val_top1": 1})
+    assert study.run(values, "test", quiet=True, reuse=True) == {"val_top1": 12.5}
+    assert not trained
+    values["train"]["epochs"] += 1  # another config in the same run dir
+    assert study.run(values, "test", quiet=True, reuse=True) == {"val_top1": 1}
+    assert len(trained) == 1

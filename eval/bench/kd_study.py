@@ -122,13 +122,18 @@ def student_values(
     return values
 
 
-def run(values: dict[str, Any], source: str, quiet: bool) -> dict[str, Any]:
-    """Trains in this process; returns the run's summary.json."""
+def run(values: dict[str, Any], source: str, quiet: bool, reuse: bool = False) -> dict[str, Any]:
+    """Trains in this process; returns the run's summary.json. `reuse`: a finished run of the
+    same config (its config.yaml equal, its summary.json written) is read, not trained again."""
+    from ssl_kd.config import to_yaml
     from ssl_kd.engine.trainer import train
     from ssl_kd.run_config import config_from_dict
 
     cfg = config_from_dict(values, source)
     out = Path(cfg.output_dir)
+    saved, summary = out / "config.yaml", out / "summary.json"
+    if reuse and summary.is_file() and saved.is_file() and saved.read_text() == to_yaml(cfg):
+        return json.loads(summary.read_text())
     out.mkdir(parents=True, exist_ok=True)
     if not quiet:
         return train(cfg, overwrite=True)
@@ -250,6 +255,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/kd_study[...]")
     parser.add_argument("--results", type=Path, default=None, help="Markdown file to write")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="read finished runs of the same config from the work dir instead of training them",
+    )  # fmt: skip
     args = parser.parse_args()
     mode = "quick" if args.quick else "demo" if args.demo else "full"
     seeds = args.seeds or ([0, 1, 2] if mode == "full" else [0])
@@ -262,13 +271,13 @@ def main() -> None:
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     for seed in seeds:
-        summary = run(teacher_values(seed, workdir, quick), str(TEACHER_CONFIG), quiet)
+        summary = run(teacher_values(seed, workdir, quick), str(TEACHER_CONFIG), quiet, args.reuse)
         records.append(record_of(TEACHER, seed, summary))
         print(f"seed {seed} teacher: top-1 {summary['val_top1']:.1f}", flush=True)
         for row in rows:
             epochs = DEMO_STUDENT_EPOCHS if mode == "demo" else None
             values = student_values(row, seed, workdir, quick, epochs)
-            summary = run(values, f"{STUDENT_CONFIG} ({row.slug})", quiet)
+            summary = run(values, f"{STUDENT_CONFIG} ({row.slug})", quiet, args.reuse)
             records.append(record_of(row.name, seed, summary))
             print(
                 f"seed {seed} {row.name}: top-1 {summary['val_top1']:.1f}, teacher "
@@ -277,6 +286,8 @@ def main() -> None:
                 flush=True,
             )
     wall_s = time.perf_counter() - start
+    if args.reuse:  # the runs' own training time, wherever it was spent
+        wall_s = sum(record["wall_s"] for record in records)
     if mode == "demo":
         teacher = next(r for r in records if r["row"] == TEACHER)
         print("\n" + demo_table(teacher, records[1:], wall_s))
