@@ -47,6 +47,7 @@ from ssl_kd.methods.base import (
 )
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.models.networks import DINONetwork
 from ssl_kd.schedules import cosine_schedule, epoch_warmup_schedule
 from ssl_kd.visualize import attention_panels
 
@@ -98,35 +99,6 @@ class DinoConfig:
                 "dino.koleo_weight": self.koleo_weight,
             }
         )
-
-
-class DINONetwork(nn.Module):
-    """Backbone + DINO head over a list of views (DINO's MultiCropWrapper).
-
-    Views of one resolution run as one batch; the global views also yield the last block's
-    [CLS] attention when asked.
-    """
-
-    def __init__(self, backbone: ViTBackbone, head: DINOProjectionHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(
-        self,
-        global_views: Tensor,
-        local_views: Tensor | None = None,
-        keep_idx: Tensor | None = None,
-        cls_attention: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Global views [G·B, C, H, W] (masked by keep_idx [G·B, k] if given), local views
-        [L·B, C, h, w] → logits [(G + L)·B, K], the global views' [CLS] features [G·B, D] and
-        their last-block [CLS] attention [G·B, heads, N_kept]."""
-        out = self.backbone(global_views, keep_idx, cls_attention=cls_attention)
-        features = out.cls
-        if local_views is not None:
-            features = torch.cat([features, self.backbone(local_views).cls])
-        return self.head(features), out.cls, out.cls_attention
 
 
 @register

@@ -40,6 +40,7 @@ from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone, check_backbone, create_backbone
 from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
 from ssl_kd.models.mae_init import init_like_mae
+from ssl_kd.models.networks import MAEStudent
 from ssl_kd.models.weights import load_backbone_weights
 
 
@@ -84,33 +85,6 @@ class DmaeConfig:
                 "dmae.recon_images_every_steps": self.recon_images_every_steps,
             }
         )
-
-
-class MAEStudent(nn.Module):
-    """Encoder, decoder and alignment projections: everything DMAE trains (what DDP wraps)."""
-
-    def __init__(
-        self, encoder: ViTBackbone, decoder: MAEDecoder, projections: nn.ModuleList
-    ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.projections = projections
-
-    def forward(
-        self,
-        images: Tensor,
-        keep_idx: Tensor,
-        mask_idx: Tensor,
-        student_blocks: list[int],
-        cls_attention: bool,
-    ) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
-        """→ predicted pixels of the masked patches [B, N - k, 3p²], raw block outputs of the
-        aligned student blocks [B, 1 + k, D], the last block's [CLS] attention [B, H, k]."""
-        out = self.encoder(
-            images, keep_idx, cls_attention=cls_attention, return_blocks=student_blocks
-        )
-        return self.decoder(out.tokens, keep_idx, mask_idx), out.block_outputs, out.cls_attention
 
 
 @register
