@@ -35,12 +35,14 @@ from ssl_kd.data import Views
 from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.errors import ConfigError
 from ssl_kd.flops import forward_macs
+from ssl_kd.losses import distribution_gap
 from ssl_kd.masking import num_kept, select
 from ssl_kd.methods.base import (
     KeepRatioSchedule,
     Method,
     StepOutput,
     StepState,
+    adaptive_controller,
     clip_gradients_per_parameter,
     masking_strategy,
     scheduled,
@@ -139,6 +141,11 @@ class DINO(Method):
             )
 
     @classmethod
+    def adapted_ratio(cls, cfg: Config) -> tuple[str, float] | None:
+        assert cfg.masking.keep_ratio is not None  # resolved when loading
+        return "masking.keep_ratio", cfg.masking.keep_ratio
+
+    @classmethod
     def build(cls, cfg: Config, backbone: ViTBackbone) -> DINO:
         return cls(
             backbone, cfg.section(cls.section), cfg.masking, cfg.data.global_crop_size,
@@ -178,7 +185,9 @@ class DINO(Method):
         )
         self.koleo = KoLeoLoss()
         self._macs_cache: dict[int, int] = {}
-        self.keep_ratio = KeepRatioSchedule(masking)
+        assert masking.keep_ratio is not None  # resolved when loading
+        self.adaptive = adaptive_controller(masking, masking.keep_ratio)
+        self.keep_ratio = KeepRatioSchedule(masking, self.adaptive)
         self._momentum: Tensor | None = None
         self._teacher_temp: Tensor | None = None
 
@@ -281,15 +290,40 @@ class DINO(Method):
             momentum=self.momentum(state.step),
             teacher_temp=teacher_temp,
         )
+        gap, probe_macs = None, 0.0
+        if self.adaptive is not None and self.adaptive.probe_due(state.step):
+            gap, probe_macs = self._probe(global_views, teacher_logits, keep, center, teacher_temp)
         teacher_views = global_views.shape[0]
         return StepOutput(
             loss,
             metrics,
-            teacher_macs=teacher_views * self.teacher_macs_per_view(keep),
+            teacher_macs=teacher_views * self.teacher_macs_per_view(keep) + probe_macs,
             teacher_macs_unmasked=teacher_views * self.teacher_macs_per_view(num_patches),
             images=batch,
             keep_ratio=keep_ratio,
+            keep_ratio_gap=gap,
+            probe_macs=probe_macs,
         )
+
+    @torch.no_grad()
+    def _probe(
+        self, global_views: Tensor, teacher_logits: Tensor, keep: int, center: Tensor, temp: float
+    ) -> tuple[float, float]:
+        """The adaptive keep ratio's gap on the probe's images (both global views of each):
+        KL(full ‖ masked) of the teacher's centred, sharpened distributions, the loss's
+        targets; and the full teacher's multiply-adds. Both 0 when nothing is masked."""
+        num_patches = self.grid[0] * self.grid[1]
+        if keep == num_patches:
+            return 0.0, 0.0
+        assert self.adaptive is not None
+        batch = global_views.shape[0] // 2
+        first = torch.arange(self.adaptive.probe_size(batch), device=global_views.device)
+        rows = torch.cat([first, batch + first])  # [2n]: the probe's images in both views
+        full_logits = self.teacher(global_views[rows])[0].float()
+        center = center.reshape(1, -1)
+        masked_logits = teacher_logits[rows].float()
+        gap = distribution_gap((full_logits - center) / temp, (masked_logits - center) / temp)
+        return gap.item(), len(rows) * self.teacher_macs_per_view(num_patches)
 
     @torch.no_grad()
     def _teacher_stats(
