@@ -53,6 +53,23 @@ def soft_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tau: 
     )
 
 
+def distribution_gap(full_logits: Tensor, masked_logits: Tensor) -> Tensor:
+    """KL(softmax(full) ‖ softmax(masked)), summed over the classes and averaged over the rows:
+    what a target loses when the masked teacher's distribution stands in for the full one's
+    (the adaptive keep ratio's gap for DINO's and kd's targets, whose temperature and centre
+    the caller applies first).
+
+    Args:
+        full_logits, masked_logits: [B, K].
+    """
+    return F.kl_div(
+        F.log_softmax(masked_logits, dim=-1),
+        F.log_softmax(full_logits, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ).clamp_min(0.0)  # rounding can leave a tiny negative where the two are equal
+
+
 def hard_distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """DeiT's hard distillation: cross-entropy against the teacher's top class.
 

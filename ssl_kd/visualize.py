@@ -8,6 +8,7 @@ mean over heads, and the teacher's input (kept patches as they are, dropped ones
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 # An inferno-like colour ramp (dark → purple → red → orange → pale yellow), as RGB in [0, 1].
@@ -94,3 +95,10 @@ def attention_panels(
     overlays = attention_overlay(images, maps.float(), grid, patch)
     view = teacher_view(images, keep_idx, grid, patch)
     return torch.cat([images.unsqueeze(1), overlays, view.unsqueeze(1)], dim=1)
+
+
+def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
+    """[B, N, p²·3] (lightly's patchify layout) → [B, 3, H, W]."""
+    return rearrange(
+        patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch
+    )

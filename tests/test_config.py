@@ -34,6 +34,12 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
         ("train.batch_size=0", "train.batch_size=0 must be > 0"),
         ("data.max_bad_fraction=1.5", r"data.max_bad_fraction=1.5 must lie in \[0, 1\]"),
         ("data.max_bad_fraction=-0.1", r"data.max_bad_fraction=-0.1 must lie in \[0, 1\]"),
+        ("masking.tolerance=-0.1", r"masking.tolerance=-0.1 must be >= 0"),
+        ("masking.adaptive_min=0", r"masking.adaptive_min=0.0 is impossible"),
+        ("masking.adaptive_step=0", r"masking.adaptive_step=0.0 must be > 0"),
+        ("masking.hysteresis=1", r"masking.hysteresis=1.0 must lie in \[0, 1\)"),
+        ("masking.probe_every_steps=0", r"masking.probe_every_steps=0 must be > 0"),
+        ("masking.probe_fraction=0", r"masking.probe_fraction=0.0 must lie in \(0, 1\]: the share"),
         ("epochs", "must look like key=value"),
     ],
 )

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ssl_kd"
 # Parts that must stay free of the config, the engine and the methods.
-PURE = ("masking", "models", "losses", "flops", "schedules", "seeding", "files", "errors")
+PURE = ("masking", "adaptive", "models", "losses", "flops", "schedules", "seeding", "files",
+        "errors")  # fmt: skip
 ENTRY_POINTS = ("cli", "cli_eval", "launch", "engine", "run_config")
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_kd.config import MaskingConfig
+from ssl_kd.flops import forward_macs
 from ssl_kd.masking import select
 from ssl_kd.methods.base import StepState, clip_gradients_per_parameter
 from ssl_kd.methods.dino import DINO, DinoConfig
@@ -199,3 +200,48 @@ def test_koleo_term_is_dinov2s_regulariser_on_the_global_student_features():
         distances = torch.cdist(crop, crop) + torch.eye(len(crop)) * 1e9
         expected += -torch.log(distances.min(dim=1).values + 1e-8).mean()
     assert float(out.metrics["koleo_loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_adaptive_probe_measures_kl_between_full_and_masked_targets_and_its_cost():
+    """masking.adaptive: on a probe step the full teacher also sees the probe's images (the
+    first of each global view); the gap is KL(full ‖ masked) of the centred, sharpened teacher
+    distributions, and the full forwards are counted in the teacher's cost."""
+    masking = MaskingConfig(0.5, "attention_topk", adaptive=True, probe_every_steps=2,
+                            probe_fraction=0.5)  # fmt: skip
+    dino = DINO(tiny_backbone(), DinoConfig(**SMALL_HEAD), masking, 32, epochs=2).eval()
+    dino.loss_fn.center.copy_(
+        0.05 * torch.randn(1, 1, 50, generator=torch.Generator().manual_seed(3))
+    )
+    center = dino.loss_fn.center.reshape(1, -1).clone()
+    for keep in (32, 64):  # the cost is measured by a forward of its own, done beforehand
+        dino.teacher_macs_per_view(keep)
+    seen = []
+    original = dino.teacher.backbone.forward
+    dino.teacher.backbone.forward = lambda x, keep_idx=None, **kw: (
+        seen.append((x.shape[0], keep_idx)),
+        original(x, keep_idx, **kw),
+    )[1]
+    batch = views()
+    out = dino(batch, StepState(0, 0, torch.Generator().manual_seed(5)))
+    (masked_rows, keep_idx), (probe_rows, probe_idx) = seen
+    assert (masked_rows, keep_idx.shape, probe_rows, probe_idx) == (8, (8, 32), 4, None)
+
+    rows = [0, 1, 4, 5]  # images 0 and 1 of the batch of 4, in both global views
+    global_views = torch.cat(batch[:2])
+    with torch.no_grad():
+        masked = dino.teacher(global_views, keep_idx=keep_idx)[0][rows]
+        full = dino.teacher(global_views[rows])[0]
+    p_full = F.softmax((full - center) / 0.04, dim=-1)
+    log_p_masked = F.log_softmax((masked - center) / 0.04, dim=-1)
+    expected = (p_full * (p_full.clamp_min(1e-30).log() - log_p_masked)).sum(-1).mean()
+    assert out.keep_ratio_gap == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert out.keep_ratio_gap > 1e-3  # half the patches do change the targets
+    full_macs = forward_macs(dino.teacher, 32)
+    assert out.probe_macs == 4 * full_macs
+    assert out.teacher_macs == 8 * forward_macs(dino.teacher, 32, 32) + 4 * full_macs
+    assert out.teacher_macs_unmasked == 8 * full_macs  # what a run that never masks pays
+
+    seen.clear()
+    later = dino(batch, StepState(1, 0, torch.Generator().manual_seed(5)))  # not a probe step
+    assert len(seen) == 1 and later.keep_ratio_gap is None and later.probe_macs == 0
+    assert later.teacher_macs == 8 * forward_macs(dino.teacher, 32, 32)

@@ -267,3 +267,36 @@ def test_a_held_output_dir_stops_every_rank_with_the_holders_name(tmp_path):
     message = f"ssl-kd: error: output_dir {run} is in use by another run: pid {os.getpid()}"
     assert result.stderr.count(message) == 2, result.stderr[-3000:]  # rank 0 and rank 1
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_adaptive_keep_ratio_moves_identically_on_both_ranks(tmp_path):
+    """The probe's gap is averaged over the ranks before the controller sees it, so both ranks
+    move their ratio together and their masked teachers keep as many patches. Each rank probes
+    the first quarter of its shard: together the same 8 images the 1-process run probes."""
+    from ssl_kd.masking import num_kept
+
+    single, pair = run_both(
+        tmp_path,
+        **{
+            "masking.adaptive": True, "masking.keep_ratio": 1.0, "masking.tolerance": 0.2,
+            "masking.adaptive_step": 0.25, "masking.probe_every_steps": 1,
+            "masking.probe_fraction": 0.25,
+        },
+    )  # fmt: skip
+    assert_same_run(single, pair)
+    records = {
+        run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (single, pair)
+    }
+    ratios = [line["method/keep_ratio"] for line in records[pair]]
+    assert ratios == [line["method/keep_ratio"] for line in records[single]]
+    assert len(set(ratios)) > 1  # the ratio moved
+    # a rank mean of the tokens each rank's teacher kept: whole only if both kept as many
+    for line in records[pair]:
+        assert line["method/teacher_tokens_kept"] == num_kept(64, line["method/keep_ratio"]) + 1
+    for single_line, pair_line in zip(records[single], records[pair], strict=True):
+        assert pair_line["masking/gap"] == pytest.approx(single_line["masking/gap"], rel=1e-4)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (single, pair)]
+    assert (
+        summaries[0]["keep_ratio_adaptive"]["final"] == summaries[1]["keep_ratio_adaptive"]["final"]
+    )

@@ -249,3 +249,55 @@ def test_reconstruction_pictures_reach_tensorboard(tmp_path, teacher_file):
     # 3 columns (original, masked, reconstruction) × 4 rows of 32 px, 2 px padding
     assert (picture.step, picture.width, picture.height) == (2, 3 * 34 + 2, 4 * 34 + 2)
     assert {"method/recon_loss", "method/distill_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_the_adaptive_probe_aligns_the_teachers_kept_and_visible_features_and_its_cost():
+    """masking.adaptive adapts dmae.teacher_keep_ratio (its start): on a probe step the teacher
+    also sees every visible patch of the probe's images; the gap is the alignment loss between
+    its features on the tokens it kept and its features on all visible patches at those
+    tokens, summed over the pairs."""
+    from ssl_kd.flops import forward_macs
+    from ssl_kd.masking import select
+
+    masking = MaskingConfig(0.25, "random", adaptive=True, probe_every_steps=2, probe_fraction=0.5)
+    cfg = DmaeConfig(aligned_blocks=[[1, 2], [0, 1]], teacher_keep_ratio=0.5, **DECODER)
+    dmae = DMAE(tiny_backbone(), teacher_backbone(), cfg, masking, 32).eval()
+    assert dmae.adaptive is not None and dmae.adaptive.ratio == 0.5
+    for tokens, blocks in ((8, 2), (16, 2), (16, None)):  # costs are measured by forwards
+        dmae.teacher_macs(tokens, blocks)  # of their own, done before the spy starts
+    calls, _, _ = spy_on_teacher(dmae)
+    images = torch.randn(4, 3, 32, 32)
+    out = dmae([images], StepState(0, 0, torch.Generator().manual_seed(2)))
+    (teacher_idx, _, _), (probe_idx, _, probe_blocks) = calls
+    keep_idx = select(
+        None, 16, "random", num_patches=64, batch_size=4, generator=torch.Generator().manual_seed(2)
+    )
+    assert teacher_idx.shape == (4, 8) and torch.equal(probe_idx, keep_idx[:2])
+    assert probe_blocks == [0, 1, 2]  # the probe stops where the teacher stops
+
+    # where each kept token sits among the visible ones
+    position = (keep_idx[:2, None, :] == teacher_idx[:2, :, None]).float().argmax(-1)  # [2, 8]
+    expected = 0.0
+    for t_block in (2, 1):
+        kept = dmae.teacher(images[:2], teacher_idx[:2], return_blocks=[t_block])
+        full = dmae.teacher(images[:2], keep_idx[:2], return_blocks=[t_block])
+        full_tokens = full.block_outputs[t_block]
+        index = position[..., None].expand(-1, -1, 96)
+        at_kept = torch.cat([full_tokens[:, :1], full_tokens[:, 1:].gather(1, index)], dim=1)
+        expected += feature_alignment_loss(kept.block_outputs[t_block], at_kept).item()
+    assert out.keep_ratio_gap == pytest.approx(expected, rel=1e-4)
+    assert out.keep_ratio_gap > 0
+    truncated = forward_macs(dmae.teacher, 32, 16, stop_after_block=2)
+    assert out.probe_macs == 2 * truncated
+    assert out.teacher_macs == 4 * forward_macs(dmae.teacher, 32, 8, stop_after_block=2) + (
+        2 * truncated
+    )
+    assert out.metrics["teacher_keep_ratio"] == 0.5
+
+    # At the full ratio the teacher already saw every visible patch: no probe runs.
+    full_cfg = DmaeConfig(aligned_blocks=[[1, 2]], teacher_keep_ratio=1.0, **DECODER)
+    whole = DMAE(tiny_backbone(), teacher_backbone(), full_cfg, masking, 32).eval()
+    whole.teacher_macs(16, 2), whole.teacher_macs(16, None)
+    calls, _, _ = spy_on_teacher(whole)
+    out = whole([images], StepState(0, 0, torch.Generator().manual_seed(2)))
+    assert len(calls) == 1 and out.keep_ratio_gap == 0.0 and out.probe_macs == 0

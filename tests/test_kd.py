@@ -306,3 +306,41 @@ def test_sigkill_mid_epoch_then_the_same_command_reaches_the_same_weights(tmp_pa
     assert_same_state(final["method"], expected["method"])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))
+
+
+# --- the adaptive keep ratio ------------------------------------------------------------------
+def test_the_adaptive_probe_measures_kl_of_the_soft_labels_at_tau_and_its_cost(
+    tmp_path, teacher_file
+):
+    adaptive = {"masking.adaptive": True, "masking.probe_every_steps": 2,
+                "masking.probe_fraction": 0.5, "kd.tau": 2.0}  # fmt: skip
+    method = build_method(kd_config(tmp_path, teacher_file, **adaptive)).eval()
+    assert method.adaptive is not None and method.adaptive.ratio == 0.5  # masking.keep_ratio
+    for kept in (32, None):  # the cost is measured by a forward of its own, done beforehand
+        method.teacher_macs(kept)
+    received = record_teacher_inputs(method)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = method([images, labels], StepState(0, 0, torch.Generator().manual_seed(3)))
+    keep_idx, probe_idx = received
+    assert keep_idx.shape == (4, 32) and probe_idx is None  # the probe: every patch
+    with torch.no_grad():
+        masked = method.teacher(images[:2], keep_idx[:2]).logits
+        full = method.teacher(images[:2]).logits
+    p_full = F.softmax(full / 2.0, dim=-1)
+    expected = (p_full * (p_full.log() - F.log_softmax(masked / 2.0, dim=-1))).sum(-1).mean()
+    assert out.keep_ratio_gap == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    assert out.keep_ratio_gap > 0
+    full_macs = forward_macs(method.teacher, 32)
+    assert out.probe_macs == 2 * full_macs
+    assert out.teacher_macs == 4 * forward_macs(method.teacher, 32, 32) + 2 * full_macs
+    received.clear()
+    later = method([images, labels], StepState(1, 0, torch.Generator().manual_seed(3)))
+    assert len(received) == 1 and later.keep_ratio_gap is None and later.probe_macs == 0
+
+
+def test_adaptive_needs_a_vit_teacher(tmp_path, teacher_file):
+    resnet_teacher = {"kd.teacher_name": "resnet18", "kd.teacher_kwargs": "{}",
+                      "masking.keep_ratio": 1.0, "masking.adaptive": True}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"masking\.adaptive=true masks the teacher's patches, "
+                       r"but kd\.teacher_name=resnet18 is not a ViT; set it to false"):  # fmt: skip
+        kd_config(tmp_path, teacher_file, **resnet_teacher)

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from ssl_kd.adaptive import KeepRatioController
+
 
 def wait_for_a_later_event_file_name(folder: Path) -> None:
     """Waits (under a second) until an event file made now sorts after every one in `folder`.
@@ -104,9 +106,15 @@ class RunLogger:
 TRAIN_TAGS = ("loss", "lr", "weight_decay", "images_per_s")
 
 
-def step_scalars(metrics: dict[str, float], totals: dict[str, float]) -> dict[str, float]:
+def step_scalars(
+    metrics: dict[str, float],
+    totals: dict[str, float],
+    adaptive: KeepRatioController | None = None,
+) -> dict[str, float]:
     """A step's metrics and the running cost totals → TensorBoard tags: `train/` for the loop's
-    own values, `cost/` for the teacher's, `method/` for everything the method reported."""
+    own values, `cost/` for the teacher's, `method/` for everything the method reported, and
+    with an adaptive keep ratio `masking/gap` (of the latest probe, once there was one),
+    `masking/probe_share` and `cost/probe_pflops_total`."""
     scalars = {f"train/{key}": metrics[key] for key in TRAIN_TAGS}
     scalars.update(
         {
@@ -117,7 +125,26 @@ def step_scalars(metrics: dict[str, float], totals: dict[str, float]) -> dict[st
     )
     own = set(TRAIN_TAGS) | {"teacher_gflops_per_image"}
     scalars.update({f"method/{k}": v for k, v in metrics.items() if k not in own})
+    if adaptive is not None:
+        scalars["masking/probe_share"] = probe_share(totals)
+        scalars["cost/probe_pflops_total"] = 2 * totals["probe_macs"] / 1e15
+        if adaptive.last_gap is not None:
+            scalars["masking/gap"] = adaptive.last_gap
     return scalars
+
+
+def probe_share(totals: dict[str, float]) -> float:
+    """The adaptive keep ratio's probes' share of the teacher's multiply-adds so far."""
+    return totals["probe_macs"] / totals["teacher_macs"] if totals["teacher_macs"] else 0.0
+
+
+def adaptive_summary(adaptive: KeepRatioController, totals: dict[str, float]) -> dict[str, Any]:
+    """summary.json's `keep_ratio_adaptive`: the ratio's trajectory, the gaps, the probes' cost."""
+    return {
+        **adaptive.summary(),
+        "probe_pflops": 2 * totals["probe_macs"] / 1e15,
+        "probe_share": probe_share(totals),
+    }
 
 
 def progress_fields(metrics: dict[str, float], scalars: dict[str, float]) -> str:

@@ -35,7 +35,7 @@ from ssl_kd.engine.checkpoint import (
 from ssl_kd.engine.evaluate import Evaluator
 from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.lock import RunLock
-from ssl_kd.engine.logging import RunLogger, progress_fields, step_scalars
+from ssl_kd.engine.logging import RunLogger, adaptive_summary, progress_fields, step_scalars
 from ssl_kd.engine.rundir import check_data_order, prepare_output_dir
 from ssl_kd.engine.stop import StopRequest
 from ssl_kd.errors import Terminated, UserError
@@ -97,7 +97,8 @@ class Trainer:
         self.schedules = self._schedules()
         self.method.set_schedule(self.total_steps, self.steps_per_epoch)
         self.step = 0
-        self.totals: dict[str, float] = {"teacher_macs": 0.0, "teacher_macs_unmasked": 0.0}
+        # Teacher multiply-adds over ranks and steps; probe_macs: the part the probes cost.
+        self.totals = dict.fromkeys(("teacher_macs", "teacher_macs_unmasked", "probe_macs"), 0.0)
         self.images_seen = 0  # since this process started (for images/s)
         self.results: dict[str, Any] = {}
         self.amp = cfg.train.amp and self.device.type == "cuda"  # bf16 on CPU is far slower
@@ -160,6 +161,7 @@ class Trainer:
                      "bad_files": sorted(self.stream.bad_files)},
             "faults": self.guard.state_dict(),
             "rng": rng_state(),
+            "adaptive": self.method.adaptive.state_dict() if self.method.adaptive else None,
         }  # fmt: skip
         self.checkpoints.save(state, self.step, self.guard.first_skipped)
         distributed.barrier()
@@ -183,6 +185,8 @@ class Trainer:
         self.results.update(state.get("results", {}))
         self.stream.bad_files.update(data.get("bad_files", []))
         self.guard.load_state_dict(state.get("faults", {}))
+        if self.method.adaptive is not None and state.get("adaptive"):
+            self.method.adaptive.load_state_dict(state["adaptive"])  # the ratio it got to
         set_rng_state(state.get("rng"))
         self.resumed_from = path
         return True
@@ -209,16 +213,24 @@ class Trainer:
         # The global batch's metrics, before backward: a NaN on any rank is seen by every rank
         # here (all stop or all skip) rather than leaving the others waiting in DDP's all-reduce.
         means = {"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}
+        if out.keep_ratio_gap is not None:  # a probe step, the same step on every rank
+            means["keep_ratio_gap"] = out.keep_ratio_gap
         counts = {"images": float(out.images or views[0].shape[0]),
                   "teacher_macs": out.teacher_macs,
-                  "teacher_macs_unmasked": out.teacher_macs_unmasked}  # fmt: skip
+                  "teacher_macs_unmasked": out.teacher_macs_unmasked,
+                  "probe_macs": out.probe_macs}  # fmt: skip
         # Read with the step's metrics, so that every rank stops after the same step.
         counts["stop_requested"] = float(self.stop.requested)
         means, counts = distributed.reduce_metrics(means, counts, self.ctx)
         self.stopping = counts.pop("stop_requested") > 0
-        self.totals["teacher_macs"] += counts["teacher_macs"]
-        self.totals["teacher_macs_unmasked"] += counts["teacher_macs_unmasked"]
+        for key in self.totals:
+            self.totals[key] += counts[key]
         self.images_seen += int(counts["images"])
+        gap = means.pop("keep_ratio_gap", None)
+        if self.method.adaptive is not None:
+            # The gap averaged over the ranks: every rank moves its ratio identically, so the
+            # masked teachers of the next step agree.
+            self.method.adaptive.update(gap, epoch)
         logged = {**values, **means, "teacher_gflops_per_image":
                   2 * counts["teacher_macs"] / max(counts["images"], 1.0) / 1e9}  # fmt: skip
         if self.guard.should_skip(means["loss"], means, self.step, epoch, self.method, buffers):
@@ -310,7 +322,7 @@ class Trainer:
             )
 
     def _log(self, logger: RunLogger, metrics: dict[str, float], start_step: int) -> None:
-        scalars = step_scalars(metrics, self.totals)
+        scalars = step_scalars(metrics, self.totals, self.method.adaptive)
         logger.scalars(self.step, scalars)
         logger.progress(
             self.step, self.last_step, self.step - start_step,
@@ -319,6 +331,7 @@ class Trainer:
         )  # fmt: skip
 
     def _summary(self, wall_s: float) -> dict[str, Any]:
+        adaptive = self.method.adaptive
         return {
             "output_dir": str(self.output_dir),
             "method": self.cfg.method,
@@ -327,6 +340,9 @@ class Trainer:
             **self.method.summary(),
             "teacher_pflops": 2 * self.totals["teacher_macs"] / 1e15,
             "teacher_pflops_unmasked": 2 * self.totals["teacher_macs_unmasked"] / 1e15,
+            **(
+                {"keep_ratio_adaptive": adaptive_summary(adaptive, self.totals)} if adaptive else {}
+            ),
             "wall_s": wall_s,
             "skipped_steps": self.guard.skipped_steps,
             "skipped_images": sorted(self.stream.bad_files),

@@ -15,8 +15,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ssl_kd.adaptive import KeepRatioController
 from ssl_kd.config.sections import Config, MaskingConfig
 from ssl_kd.data import Views
+from ssl_kd.errors import ConfigError
 from ssl_kd.masking import keep_ratio_schedule
 from ssl_kd.models.backbone import ViTBackbone
 
@@ -41,10 +43,15 @@ class StepOutput:
         loss: the scalar to minimise.
         metrics: named floats (or 0-d tensors) for the logs; names ending in `loss` are the
             loss terms a non-finite-loss message lists.
-        teacher_macs: the teacher's multiply-adds in this step (this process's share).
-        teacher_macs_unmasked: what the same teacher would have cost on every patch.
+        teacher_macs: the teacher's multiply-adds in this step (this process's share), the
+            adaptive keep ratio's probe included.
+        teacher_macs_unmasked: what the same teacher would have cost on every patch (without
+            a probe: what a run that never masks pays).
         images: images this process trained on in this step.
         keep_ratio: the fraction of patches the masked network saw, if the method masks.
+        keep_ratio_gap: on a probe step of the adaptive keep ratio, how far the masked
+            teacher's targets were from the full teacher's (`Method.adaptive`); else None.
+        probe_macs: the part of `teacher_macs` the probe's full teacher cost.
     """
 
     loss: Tensor
@@ -53,6 +60,8 @@ class StepOutput:
     teacher_macs_unmasked: float = 0.0
     images: int = 0
     keep_ratio: float | None = None
+    keep_ratio_gap: float | None = None
+    probe_macs: float = 0.0
 
 
 class Method(nn.Module):
@@ -96,6 +105,14 @@ class Method(nn.Module):
         check = getattr(cfg.section(cls.section), "check", None)
         if check is not None:
             check()
+        if cfg.masking.adaptive:
+            check_adaptive(cfg, cls.adapted_ratio(cfg))
+
+    @classmethod
+    def adapted_ratio(cls, cfg: Config) -> tuple[str, float] | None:
+        """The config key and value of the teacher keep ratio `masking.adaptive` controls (the
+        controller starts there); None: this method, so configured, masks no teacher."""
+        return None
 
     @classmethod
     def init_backbone(cls, backbone: ViTBackbone) -> None:
@@ -191,6 +208,11 @@ class Method(nn.Module):
     def update_teacher(self, state: StepState) -> None:
         """EMA update or nothing."""
 
+    # The owner of the teacher's keep ratio under masking.adaptive (None: off). The method
+    # reads its ratio and probes when it says; the trainer feeds it each step's gap, averaged
+    # over the ranks, and keeps its state in the checkpoint.
+    adaptive: KeepRatioController | None = None
+
     picture_every_steps: int = 0  # how often the trainer asks for `pictures`; 0: never
 
     def pictures(self, views: list[Tensor], state: StepState) -> dict[str, Tensor]:
@@ -218,17 +240,19 @@ class Method(nn.Module):
 
 class KeepRatioSchedule:
     """The keep ratio of a masking method per step: linear from `masking.keep_ratio_start` to
-    `masking.keep_ratio` over `masking.keep_ratio_warmup_epochs`, then constant.
+    `masking.keep_ratio` over `masking.keep_ratio_warmup_epochs`, then constant; or, given a
+    controller (`masking.adaptive`), the controller's current ratio.
 
     The one fallback rule: before `set_schedule` (a method used outside the trainer) and past
     the schedule's end, the ratio is the configured final `masking.keep_ratio`.
     """
 
-    def __init__(self, masking: MaskingConfig) -> None:
+    def __init__(self, masking: MaskingConfig, adaptive: KeepRatioController | None = None) -> None:
         assert masking.keep_ratio is not None, "masking defaults are resolved when loading"
         self.masking = masking
         self.final = float(masking.keep_ratio)
         self.values: Tensor | None = None
+        self.adaptive = adaptive
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         masking = self.masking
@@ -240,7 +264,43 @@ class KeepRatioSchedule:
         )
 
     def __call__(self, step: int) -> float:
+        if self.adaptive is not None:
+            return self.adaptive.ratio
         return scheduled(self.values, step, self.final)
+
+
+def adaptive_controller(masking: MaskingConfig, start: float) -> KeepRatioController | None:
+    """The controller `masking.adaptive` asks for, starting at `start`; None when it is off."""
+    if not masking.adaptive:
+        return None
+    return KeepRatioController(
+        start, masking.tolerance, minimum=masking.adaptive_min, step_size=masking.adaptive_step,
+        hysteresis=masking.hysteresis, probe_every=masking.probe_every_steps,
+        probe_fraction=masking.probe_fraction,
+    )  # fmt: skip
+
+
+def check_adaptive(cfg: Config, adapted: tuple[str, float] | None) -> None:
+    """`masking.adaptive` needs a masked teacher, a start within its bounds and no schedule of
+    its own on the ratio it controls (ConfigError)."""
+    masking = cfg.masking
+    if adapted is None:
+        raise ConfigError(
+            f"masking.adaptive=true: {cfg.method} masks no teacher as configured, so there is "
+            "no teacher keep ratio to adapt; set masking.adaptive=false"
+        )
+    key, start = adapted
+    if not masking.adaptive_min <= start:
+        raise ConfigError(
+            f"{key}={start} is where masking.adaptive starts, below masking.adaptive_min="
+            f"{masking.adaptive_min}; start at or above it (1.0: the full teacher)"
+        )
+    if key == "masking.keep_ratio" and masking.keep_ratio_warmup_epochs > 0:
+        raise ConfigError(
+            f"masking.adaptive=true with masking.keep_ratio_warmup_epochs="
+            f"{masking.keep_ratio_warmup_epochs}: the controller alone sets the keep ratio; "
+            "drop the warm-up (the ratio starts at masking.keep_ratio)"
+        )
 
 
 def masking_strategy(masking: MaskingConfig) -> str:

@@ -35,18 +35,21 @@ from ssl_kd.data import Views
 from ssl_kd.data.transforms import to_unit_range
 from ssl_kd.errors import ConfigError
 from ssl_kd.flops import forward_macs
+from ssl_kd.losses import distribution_gap
 from ssl_kd.masking import num_kept, select
 from ssl_kd.methods.base import (
     KeepRatioSchedule,
     Method,
     StepOutput,
     StepState,
+    adaptive_controller,
     clip_gradients_per_parameter,
     masking_strategy,
     scheduled,
 )
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone
+from ssl_kd.models.networks import DINONetwork
 from ssl_kd.schedules import cosine_schedule, epoch_warmup_schedule
 from ssl_kd.visualize import attention_panels
 
@@ -100,35 +103,6 @@ class DinoConfig:
         )
 
 
-class DINONetwork(nn.Module):
-    """Backbone + DINO head over a list of views (DINO's MultiCropWrapper).
-
-    Views of one resolution run as one batch; the global views also yield the last block's
-    [CLS] attention when asked.
-    """
-
-    def __init__(self, backbone: ViTBackbone, head: DINOProjectionHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(
-        self,
-        global_views: Tensor,
-        local_views: Tensor | None = None,
-        keep_idx: Tensor | None = None,
-        cls_attention: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Global views [G·B, C, H, W] (masked by keep_idx [G·B, k] if given), local views
-        [L·B, C, h, w] → logits [(G + L)·B, K], the global views' [CLS] features [G·B, D] and
-        their last-block [CLS] attention [G·B, heads, N_kept]."""
-        out = self.backbone(global_views, keep_idx, cls_attention=cls_attention)
-        features = out.cls
-        if local_views is not None:
-            features = torch.cat([features, self.backbone(local_views).cls])
-        return self.head(features), out.cls, out.cls_attention
-
-
 @register
 class DINO(Method):
     """DINO's student, EMA teacher, heads and loss, with optional teacher masking.
@@ -165,6 +139,11 @@ class DINO(Method):
                 f"train.batch_size={cfg.train.batch_size} per process is too small for "
                 "dino.batch_norm / dino.koleo_weight, which need at least 2 images per process"
             )
+
+    @classmethod
+    def adapted_ratio(cls, cfg: Config) -> tuple[str, float] | None:
+        assert cfg.masking.keep_ratio is not None  # resolved when loading
+        return "masking.keep_ratio", cfg.masking.keep_ratio
 
     @classmethod
     def build(cls, cfg: Config, backbone: ViTBackbone) -> DINO:
@@ -206,7 +185,9 @@ class DINO(Method):
         )
         self.koleo = KoLeoLoss()
         self._macs_cache: dict[int, int] = {}
-        self.keep_ratio = KeepRatioSchedule(masking)
+        assert masking.keep_ratio is not None  # resolved when loading
+        self.adaptive = adaptive_controller(masking, masking.keep_ratio)
+        self.keep_ratio = KeepRatioSchedule(masking, self.adaptive)
         self._momentum: Tensor | None = None
         self._teacher_temp: Tensor | None = None
 
@@ -309,15 +290,40 @@ class DINO(Method):
             momentum=self.momentum(state.step),
             teacher_temp=teacher_temp,
         )
+        gap, probe_macs = None, 0.0
+        if self.adaptive is not None and self.adaptive.probe_due(state.step):
+            gap, probe_macs = self._probe(global_views, teacher_logits, keep, center, teacher_temp)
         teacher_views = global_views.shape[0]
         return StepOutput(
             loss,
             metrics,
-            teacher_macs=teacher_views * self.teacher_macs_per_view(keep),
+            teacher_macs=teacher_views * self.teacher_macs_per_view(keep) + probe_macs,
             teacher_macs_unmasked=teacher_views * self.teacher_macs_per_view(num_patches),
             images=batch,
             keep_ratio=keep_ratio,
+            keep_ratio_gap=gap,
+            probe_macs=probe_macs,
         )
+
+    @torch.no_grad()
+    def _probe(
+        self, global_views: Tensor, teacher_logits: Tensor, keep: int, center: Tensor, temp: float
+    ) -> tuple[float, float]:
+        """The adaptive keep ratio's gap on the probe's images (both global views of each):
+        KL(full ‖ masked) of the teacher's centred, sharpened distributions, the loss's
+        targets; and the full teacher's multiply-adds. Both 0 when nothing is masked."""
+        num_patches = self.grid[0] * self.grid[1]
+        if keep == num_patches:
+            return 0.0, 0.0
+        assert self.adaptive is not None
+        batch = global_views.shape[0] // 2
+        first = torch.arange(self.adaptive.probe_size(batch), device=global_views.device)
+        rows = torch.cat([first, batch + first])  # [2n]: the probe's images in both views
+        full_logits = self.teacher(global_views[rows])[0].float()
+        center = center.reshape(1, -1)
+        masked_logits = teacher_logits[rows].float()
+        gap = distribution_gap((full_logits - center) / temp, (masked_logits - center) / temp)
+        return gap.item(), len(rows) * self.teacher_macs_per_view(num_patches)
 
     @torch.no_grad()
     def _teacher_stats(

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from einops import rearrange
 from lightly.models.utils import patchify
 from torch import Tensor, nn
 from torchvision.utils import make_grid
@@ -35,12 +34,21 @@ from ssl_kd.errors import ConfigError, UserError, key_list
 from ssl_kd.flops import forward_macs
 from ssl_kd.losses import feature_alignment_loss, mae_pixel_loss
 from ssl_kd.masking import complement, gather_patches, num_kept, select
-from ssl_kd.methods.base import KeepRatioSchedule, Method, StepOutput, StepState, masking_strategy
+from ssl_kd.methods.base import (
+    KeepRatioSchedule,
+    Method,
+    StepOutput,
+    StepState,
+    adaptive_controller,
+    masking_strategy,
+)
 from ssl_kd.methods.registry import register
 from ssl_kd.models.backbone import ViTBackbone, check_backbone, create_backbone
 from ssl_kd.models.heads import PROJECTIONS, MAEDecoder, alignment_projection
 from ssl_kd.models.mae_init import init_like_mae
+from ssl_kd.models.networks import MAEStudent
 from ssl_kd.models.weights import load_backbone_weights
+from ssl_kd.visualize import unpatchify
 
 
 @dataclass
@@ -84,33 +92,6 @@ class DmaeConfig:
                 "dmae.recon_images_every_steps": self.recon_images_every_steps,
             }
         )
-
-
-class MAEStudent(nn.Module):
-    """Encoder, decoder and alignment projections: everything DMAE trains (what DDP wraps)."""
-
-    def __init__(
-        self, encoder: ViTBackbone, decoder: MAEDecoder, projections: nn.ModuleList
-    ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.projections = projections
-
-    def forward(
-        self,
-        images: Tensor,
-        keep_idx: Tensor,
-        mask_idx: Tensor,
-        student_blocks: list[int],
-        cls_attention: bool,
-    ) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
-        """→ predicted pixels of the masked patches [B, N - k, 3p²], raw block outputs of the
-        aligned student blocks [B, 1 + k, D], the last block's [CLS] attention [B, H, k]."""
-        out = self.encoder(
-            images, keep_idx, cls_attention=cls_attention, return_blocks=student_blocks
-        )
-        return self.decoder(out.tokens, keep_idx, mask_idx), out.block_outputs, out.cls_attention
 
 
 @register
@@ -184,6 +165,13 @@ class DMAE(Method):
         init_like_mae(backbone)  # MAE's encoder: fixed sin-cos table, xavier, [CLS] std 0.02
 
     @classmethod
+    def adapted_ratio(cls, cfg: Config) -> tuple[str, float] | None:
+        dmae: DmaeConfig = cfg.section(cls.section)
+        if not cls.distils(cfg) or dmae.distill_weight == 0:
+            return None  # no teacher runs
+        return "dmae.teacher_keep_ratio", dmae.teacher_keep_ratio
+
+    @classmethod
     def distils(cls, cfg: Config) -> bool:
         """`dmae` distils from a teacher; `mae` (the first name) does not."""
         return cfg.method != cls.names[0]
@@ -243,6 +231,8 @@ class DMAE(Method):
         self.picture_every_steps = cfg.recon_images_every_steps
         self._macs_cache: dict[tuple[int, int | None], int] = {}
         self.keep_ratio = KeepRatioSchedule(masking)
+        # masking.adaptive controls the teacher's share of the visible patches
+        self.adaptive = adaptive_controller(masking, cfg.teacher_keep_ratio)
 
     # --- contract -------------------------------------------------------------------------
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
@@ -267,7 +257,8 @@ class DMAE(Method):
         )  # fmt: skip
         mask_idx = complement(keep_idx, num_patches)
         distilling = self.teacher is not None and self.cfg.distill_weight > 0
-        teacher_keep = num_kept(keep, self.cfg.teacher_keep_ratio)
+        teacher_ratio = self.adaptive.ratio if self.adaptive else self.cfg.teacher_keep_ratio
+        teacher_keep = num_kept(keep, teacher_ratio)
         pred, student_blocks, cls_attention = self.student_call(
             images, keep_idx, mask_idx, [s for s, _ in self.pairs],
             cls_attention=distilling and teacher_keep < keep,
@@ -304,15 +295,45 @@ class DMAE(Method):
             distill = distill + feature_alignment_loss(
                 projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
             )
-        metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix)
+        metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix,
+                       teacher_keep_ratio=teacher_ratio)  # fmt: skip
+        gap, probe_macs = None, 0.0
+        if self.adaptive is not None and self.adaptive.probe_due(state.step):
+            gap, probe_macs = self._probe(images, keep_idx, visible_pos, teacher_out)
         return StepOutput(
             recon + self.cfg.distill_weight * distill,
             metrics,
-            teacher_macs=batch * self.teacher_macs(teacher_keep, self.teacher_last_block),
+            teacher_macs=batch * self.teacher_macs(teacher_keep, self.teacher_last_block)
+            + probe_macs,
             teacher_macs_unmasked=batch * self.teacher_macs(keep, None),
             images=batch,
             keep_ratio=keep_ratio,
+            keep_ratio_gap=gap,
+            probe_macs=probe_macs,
         )
+
+    @torch.no_grad()
+    def _probe(
+        self, images: Tensor, keep_idx: Tensor, visible_pos: Tensor | None, teacher_out: Any
+    ) -> tuple[float, float]:
+        """The adaptive keep ratio's gap on the probe's (first) images: the alignment loss
+        between the teacher's features on its kept tokens and on all visible patches, at the
+        kept tokens, summed over the pairs; and the full teacher's multiply-adds (or 0, 0)."""
+        if visible_pos is None:
+            return 0.0, 0.0
+        assert self.teacher is not None and self.adaptive is not None
+        probe = self.adaptive.probe_size(len(images))
+        full = self.teacher(
+            images[:probe], keep_idx[:probe], stop_after_block=self.teacher_last_block,
+            return_blocks=[t for _, t in self.pairs],
+        )  # fmt: skip
+        prefix = self.teacher.num_prefix_tokens
+        gap = 0.0
+        for _, t_block in self.pairs:
+            full_tokens = gather_patches(full.block_outputs[t_block], visible_pos[:probe], prefix)
+            kept_tokens = teacher_out.block_outputs[t_block][:probe]  # [n, P + k', D_t]
+            gap += feature_alignment_loss(kept_tokens.float(), full_tokens.float()).item()
+        return gap, probe * self.teacher_macs(keep_idx.shape[1], self.teacher_last_block)
 
     def teacher_macs(self, keep: int, stop_after_block: int | None) -> int:
         """Teacher multiply-adds per image, measured once per (tokens, depth).
@@ -356,13 +377,6 @@ class DMAE(Method):
         rows = [unpatchify(p, patch, self.grid) for p in (patches, masked_input, reconstruction)]
         grid = torch.stack(rows, dim=1).flatten(0, 1)  # [B·3, 3, H, W]
         return {"dmae/reconstruction": make_grid(to_unit_range(grid), nrow=3)}
-
-
-def unpatchify(patches: Tensor, patch: int, grid: tuple[int, int]) -> Tensor:
-    """[B, N, p²·3] (lightly's patchify layout) → [B, 3, H, W]."""
-    return rearrange(
-        patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch
-    )
 
 
 def check_teacher_fits(

@@ -33,12 +33,13 @@ from ssl_kd.config.sections import (
 )
 from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.flops import forward_macs
-from ssl_kd.losses import hard_distillation_loss, soft_distillation_loss
+from ssl_kd.losses import distribution_gap, hard_distillation_loss, soft_distillation_loss
 from ssl_kd.masking import interpolate_scores, num_kept, select
 from ssl_kd.methods.base import (
     KeepRatioSchedule,
     StepOutput,
     StepState,
+    adaptive_controller,
     masking_strategy,
     param_groups_without_wd_on_1d,
 )
@@ -134,18 +135,26 @@ class KD(Supervised):
                 f"data.global_crop_size) is not a multiple of its patch size {teacher_patch}"
             )
         assert cfg.masking.keep_ratio is not None and cfg.masking.strategy is not None
-        if cfg.masking.keep_ratio == 1.0:
+        if cfg.masking.keep_ratio == 1.0 and not cfg.masking.adaptive:
             return
         if not teacher_vit:
+            masks, fix = f"masking.keep_ratio={cfg.masking.keep_ratio}", "use 1.0"
+            if cfg.masking.adaptive:
+                masks, fix = "masking.adaptive=true", "set it to false"
             raise ConfigError(
-                f"masking.keep_ratio={cfg.masking.keep_ratio} masks the teacher's patches, "
-                f"but {cls.section}.teacher_name={kd.teacher_name} is not a ViT; use 1.0"
+                f"{masks} masks the teacher's patches, but {cls.section}.teacher_name="
+                f"{kd.teacher_name} is not a ViT; {fix}"
             )
         if cfg.masking.strategy.startswith("attention") and not student_vit:
             raise ConfigError(
                 f"masking.strategy={cfg.masking.strategy} ranks patches by the student's "
                 f"[CLS] attention, but model.name={cfg.model.name} is not a ViT; use random"
             )
+
+    @classmethod
+    def adapted_ratio(cls, cfg: Config) -> tuple[str, float] | None:
+        assert cfg.masking.keep_ratio is not None  # resolved when loading
+        return "masking.keep_ratio", cfg.masking.keep_ratio
 
     @classmethod
     def build_any(cls, cfg: Config, model: nn.Module) -> KD:
@@ -176,7 +185,9 @@ class KD(Supervised):
         self.hold_frozen_teacher(teacher)
         self.teacher_grid = teacher.vit.grid(self.teacher_size) if teacher.is_vit else None
         self.student_grid = student.vit.grid(img_size) if student.is_vit else None
-        self.keep_ratio = KeepRatioSchedule(masking)
+        assert masking.keep_ratio is not None  # resolved when loading
+        self.adaptive = adaptive_controller(masking, masking.keep_ratio)
+        self.keep_ratio = KeepRatioSchedule(masking, self.adaptive)
         self._macs_cache: dict[int | None, int] = {}
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
@@ -236,14 +247,36 @@ class KD(Supervised):
         }
         if self.teacher.is_vit:
             metrics["teacher_tokens_kept"] = keep + self.teacher.vit.num_prefix_tokens
+        gap, probe_macs = None, 0.0
+        if self.adaptive is not None and self.adaptive.probe_due(state.step):
+            gap, probe_macs = self.probe(teacher_images, teacher_logits, keep_idx)
         return StepOutput(
             loss,
             metrics,
-            teacher_macs=batch * self.teacher_macs(keep if masked else None),
+            teacher_macs=batch * self.teacher_macs(keep if masked else None) + probe_macs,
             teacher_macs_unmasked=batch * self.teacher_macs(None),
             images=batch,
             keep_ratio=keep_ratio,
+            keep_ratio_gap=gap,
+            probe_macs=probe_macs,
         )
+
+    @torch.no_grad()
+    def probe(
+        self, teacher_images: Tensor, teacher_logits: Tensor, keep_idx: Tensor | None
+    ) -> tuple[float, float]:
+        """The adaptive keep ratio's gap on the probe's images (the first of the batch): KL at
+        τ between the full and the masked teacher's soft labels; and the full teacher's
+        multiply-adds (its forward alone: no feature terms run on the probe). Both 0 when the
+        teacher saw every patch."""
+        if keep_idx is None:
+            return 0.0, 0.0
+        assert self.adaptive is not None
+        probe = self.adaptive.probe_size(len(teacher_images))
+        full_logits = self.teacher(teacher_images[:probe]).logits.float()
+        tau = self.cfg.tau
+        gap = distribution_gap(full_logits / tau, teacher_logits[:probe] / tau)
+        return gap.item(), probe * KD.teacher_macs(self, None)
 
     # Feature distillation (subclasses): the blocks whose raw outputs each network returns.
     student_blocks: tuple[int, ...] = ()
