@@ -8,6 +8,7 @@ Test modules import shared code from here only, never from another test module o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -295,3 +296,15 @@ def kill_and_resume(
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {saved}" in resumed.stdout
     return saved
+
+
+def bench(name: str):  # type: ignore[no-untyped-def]
+    """The benchmark script eval/bench/NAME.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "eval" / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules, so the module must be there.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -18,18 +17,9 @@ from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept
 from ssl_kd.models.backbone import create_backbone
 from ssl_kd.run_config import load_config
+from tests.helpers import bench
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def bench(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, REPO / "eval" / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve string annotations through sys.modules, so the module must be there.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}

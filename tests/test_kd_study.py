@@ -14,7 +14,7 @@ from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept
 from ssl_kd.models.backbone import create_backbone
 from ssl_kd.run_config import config_from_dict
-from tests.test_bench import bench
+from tests.helpers import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
