@@ -107,7 +107,7 @@ def test_study_table_is_mean_and_sample_std_over_seeds() -> None:
     )
     assert line["linear_top1"][1] == pytest.approx(2 * statistics.stdev([50, 53, 59]))
     assert line["seeds"] == [0, 1, 2]
-    assert learning.mean_std([4.0]) == (4.0, 0.0)
+    assert bench("report").mean_std([4.0]) == (4.0, 0.0)
 
 
 @pytest.mark.slow

@@ -43,7 +43,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import fmt, machine, mean_std, write_section
+from report import aggregate as report_aggregate
+from report import fmt, machine, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
@@ -149,15 +150,11 @@ def record_of(name: str, seed: int, summary: dict[str, Any]) -> dict[str, Any]:
 
 def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """One line per row name, in `names` order: mean ± std of each number over its seeds."""
-    lines = []
-    for name in names:
-        mine = [r for r in records if r["row"] == name]
-        line: dict[str, Any] = {"row": name, "seeds": [r["seed"] for r in mine]}
-        for key in ("val_top1", "val_top5", "teacher_pflops", "teacher_pflops_unmasked",
-                    "wall_s", "steps"):  # fmt: skip
-            line[key] = mean_std([float(r[key]) for r in mine])
-        lines.append(line)
-    return lines
+    return report_aggregate(
+        records,
+        names,
+        ("val_top1", "val_top5", "teacher_pflops", "teacher_pflops_unmasked", "wall_s", "steps"),
+    )
 
 
 def apart(a: dict[str, Any], b: dict[str, Any]) -> bool:

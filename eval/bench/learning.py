@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import fmt, machine, mean_std, write_section
+from report import aggregate as report_aggregate
+from report import fmt, machine, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
@@ -156,16 +157,12 @@ def run_one(row: Row, seed: int, mode: str, workdir: Path, teacher_ckpt: Path) -
 
 
 def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """One line per row name, in `names` order: mean ± std of each metric over its seeds."""
-    lines = []
-    for name in names:
-        mine = [r for r in records if r["row"] == name]
-        line: dict[str, Any] = {"row": name, "seeds": [r["seed"] for r in mine]}
-        for key in ("knn_top1", "linear_top1", "teacher_pflops", "teacher_pflops_unmasked",
-                    "wall_s", "steps"):  # fmt: skip
-            line[key] = mean_std([float(r[key]) for r in mine])
-        lines.append(line)
-    return lines
+    """One line per row name, in `names` order: mean ± std of each number over its seeds."""
+    return report_aggregate(
+        records,
+        names,
+        ("knn_top1", "linear_top1", "teacher_pflops", "teacher_pflops_unmasked", "wall_s", "steps"),
+    )
 
 
 def markdown(lines: list[dict[str, Any]], command: str, mode: str, wall_s: float) -> str:

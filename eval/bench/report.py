@@ -9,6 +9,7 @@ import platform
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1); the std is 0 for a single value."""
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(
+    records: list[dict[str, Any]], names: list[str], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """One line per row name, in `names` order: mean ± std of each of `keys` over its seeds."""
+    lines = []
+    for name in names:
+        mine = [r for r in records if r["row"] == name]
+        line: dict[str, Any] = {"row": name, "seeds": [r["seed"] for r in mine]}
+        for key in keys:
+            line[key] = mean_std([float(r[key]) for r in mine])
+        lines.append(line)
+    return lines
 
 
 def fmt(value: tuple[float, float], digits: int = 1) -> str:
