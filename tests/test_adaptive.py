@@ -18,7 +18,14 @@ from ssl_kd.errors import ConfigError
 from ssl_kd.flops import forward_macs
 from ssl_kd.masking import num_kept
 from ssl_kd.methods.dino import DINO
-from tests.helpers import kill_and_resume, run_cli, tiny_backbone, tiny_config, tiny_overrides
+from tests.helpers import (
+    kill_and_resume,
+    run_cli,
+    tiny_backbone,
+    tiny_config,
+    tiny_overrides,
+    train_stream,
+)
 
 
 def controller(**overrides):
@@ -145,6 +152,32 @@ def test_the_start_is_the_methods_own_keep_ratio(tmp_path):
     dino.adaptive.ratio = 0.4
     assert dino.keep_ratio(0) == 0.4
     assert build_method(tiny_config(tmp_path)).adaptive is None  # off by default
+
+
+def test_unset_tolerance_and_probe_interval_take_the_methods_default_and_the_runs_length(
+    tmp_path,
+):
+    from ssl_kd.methods.base import probe_interval
+    from ssl_kd.methods.dmae import DMAE
+    from ssl_kd.methods.kd import KD
+
+    cfg = tiny_config(tmp_path, **ADAPTIVE)
+    assert cfg.masking.tolerance == DINO.default_tolerance  # resolved when loading
+    assert tiny_config(tmp_path, **ADAPTIVE, **{"masking.tolerance": 0.3}).masking.tolerance == 0.3
+    # each method's gap has its own units (KL of DINO's sharpened targets, of KD's soft labels,
+    # DMAE's alignment loss), so each has its own default
+    assert len({DINO.default_tolerance, KD.default_tolerance, DMAE.default_tolerance}) == 3
+    assert [probe_interval(n) for n in (1, 99, 100, 250, 125_000)] == [1, 1, 1, 2, 1250]
+
+    # with the interval unset, a run probes every hundredth of its length (schedules span all
+    # epochs even when train.max_steps stops it early)
+    run = {key: value for key, value in RUN.items() if key != "masking.probe_every_steps"}
+    run |= {"train.max_steps": 7, "train.epochs": 2}
+    cfg = tiny_config(tmp_path / "run", **run)
+    every = probe_interval(2 * train_stream(cfg).steps_per_epoch)
+    assert every > 1
+    summary = train(cfg)
+    assert summary["keep_ratio_adaptive"]["probes"] == len(range(0, 7, every))
 
 
 # --- through the trainer ------------------------------------------------------------------------

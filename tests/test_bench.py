@@ -75,32 +75,53 @@ def test_peak_memory_is_the_fresh_process_own() -> None:
 
 def test_every_study_recipe_is_a_valid_config(tmp_path: Path) -> None:
     learning = bench("learning")
-    teacher = tmp_path / "teacher.pth"
-    teacher.touch()
+    for teacher, seed in ((learning.KD_TEACHER, 3), (learning.MAE_TEACHER, 0)):
+        path = learning.run_dir(tmp_path, teacher, seed) / "checkpoint.pth"
+        path.parent.mkdir(parents=True)
+        path.touch()  # the config checks that it exists; nothing loads it here
     dirs = set()
-    for row in [*learning.ROWS, learning.TEACHER]:
+    rows = [*learning.ROWS, learning.KD_TEACHER, learning.MAE_TEACHER]
+    for row in rows:
         for mode in ("quick", "full"):
-            overrides = learning.overrides_of(row, 3, mode, tmp_path, teacher)
+            overrides = learning.overrides_of(row, 3, mode, tmp_path)
             cfg = load_config(REPO / "configs" / row.config, overrides)
             assert cfg.train.seed == 3
             dirs.add(cfg.output_dir)
-            if row.name.startswith("DINO"):
-                assert cfg.data.global_crop_size == 16 and cfg.method == "dino"
+            if row.group in ("dino", "kd") and row.train:
+                assert cfg.method == row.group and cfg.data.name == "cluttered_digits"
+                assert cfg.masking.keep_ratio == (row.keep or 1.0)
+                assert cfg.masking.adaptive == (row.keep is None and row.train)
+                assert cfg.masking.strategy == (row.strategy or "attention_topk")
+            if row.group == "kd":  # this seed's own teacher, trained at the student's size
+                teacher = learning.run_dir(tmp_path, learning.KD_TEACHER, 3) / "checkpoint.pth"
+                assert cfg.section("kd").teacher_checkpoint == str(teacher)
+                assert cfg.model.img_size == 48
             if row.name.startswith("DMAE"):
-                assert cfg.method == "dmae" and cfg.section("dmae").teacher_checkpoint == str(
-                    teacher
-                )
-    assert len(dirs) == len(learning.ROWS) + 1  # one run dir per row, shared by both modes
+                teacher = learning.run_dir(tmp_path, learning.MAE_TEACHER, 0) / "checkpoint.pth"
+                assert cfg.section("dmae").teacher_checkpoint == str(teacher)
+            if row.adaptive:  # the defaults: no per-run tuning
+                assert cfg.masking.tolerance == learning_default_tolerance(cfg.method)
+    assert len(dirs) == len(rows)  # one run dir per row, shared by both modes
+    for group in ("dino", "kd"):  # keep 1.0, 3 strategies at 0.5 and at 0.25, adaptive
+        keeps = [(r.keep, r.strategy) for r in learning.ROWS if r.group == group and r.train]
+        assert len(keeps) == len(set(keeps)) == 8
+
+
+def learning_default_tolerance(method: str) -> float:
+    from ssl_kd.methods import registry
+
+    return registry.method_class(method).default_tolerance
 
 
 def test_study_table_is_mean_and_sample_std_over_seeds() -> None:
     learning = bench("learning")
+    row = next(r for r in learning.ROWS if r.name == "DINO, keep 0.5, random")
     records = [
-        {"row": "a", "seed": s, "knn_top1": k, "linear_top1": 2 * k, "teacher_pflops": 1.0,
-         "teacher_pflops_unmasked": 2.0, "wall_s": 10.0 + s, "steps": 5}
+        {"row": row.name, "seed": s, "knn_top1": k, "linear_top1": 2 * k, "teacher_pflops": 1.0,
+         "teacher_pflops_unmasked": 2.0, "wall_s": 10.0 + s, "steps": 5, "keep_mean": 0.5}
         for s, k in enumerate([50.0, 53.0, 59.0])
     ]  # fmt: skip
-    (line,) = learning.aggregate(records, ["a"])
+    line = learning.lines_of(records, [row])[row.name]
     assert line["knn_top1"] == (
         pytest.approx(statistics.mean([50, 53, 59])),
         pytest.approx(statistics.stdev([50, 53, 59])),
@@ -110,9 +131,33 @@ def test_study_table_is_mean_and_sample_std_over_seeds() -> None:
     assert bench("report").mean_std([4.0]) == (4.0, 0.0)
 
 
+def test_verdicts_say_apart_only_beyond_one_std_and_the_adaptive_target() -> None:
+    learning = bench("learning")
+
+    def line(mean: float, std: float, pflops: float = 1.0) -> dict:
+        return {"top1": (mean, std), "teacher_pflops": (pflops, 0.0), "keep_mean": (0.5, 0.0),
+                "keep_final": (0.4, 0.0)}  # fmt: skip
+
+    lines = {
+        "KD, keep 1.0": line(50.0, 2.0, 10.0),
+        "KD, keep 0.25, attention_topk": line(50.0, 1.0),
+        "KD, keep 0.25, random": line(47.5, 2.5),  # 2.5 below: not beyond the larger std 2.5
+        "KD, keep 0.25, attention_bottomk": line(40.0, 3.0),
+        "KD, adaptive from 1.0": line(48.5, 1.0, 6.0),  # within 2.0 of keep 1.0, at 0.60×
+    }
+    ordering, adaptive = learning.verdicts(lines, "KD", "top1")
+    assert "does not hold" in ordering and "top-k > random: no" in ordering
+    assert "random > bottom-k: yes" in ordering
+    assert "0.60×" in adaptive and "(target ≤ 0.60: met)" in adaptive
+    lines["KD, adaptive from 1.0"] = line(47.9, 1.0, 6.0)  # 2.1 below: not within one std
+    assert "missed" in learning.verdicts(lines, "KD", "top1")[1]
+    lines["KD, keep 0.25, random"] = line(46.9, 1.0)
+    assert "holds beyond" in learning.verdicts(lines, "KD", "top1")[0]
+
+
 @pytest.mark.slow
 def test_quick_study_reports_costs_that_match_the_flop_counter(tmp_path: Path) -> None:
-    """`learning.py --quick` end to end: the teacher's cost ratio of each DINO row is the
+    """`learning.py --quick` end to end: the teacher's cost ratio of each masked DINO row is the
     counted cost of its kept tokens; the random-init row's k-NN is that of a fresh backbone."""
     results = tmp_path / "RESULTS.md"
     subprocess.run(
@@ -122,29 +167,33 @@ def test_quick_study_reports_costs_that_match_the_flop_counter(tmp_path: Path) -
     )  # fmt: skip
     records = json.loads((tmp_path / "learning.json").read_text())
     by_row = {r["row"]: r for r in records}
-    assert "DINO, keep 0.5, student-guided" in results.read_text()
+    text = results.read_text()
+    assert "DINO, keep 0.25, attention_bottomk" in text and "KD, adaptive from 1.0" in text
 
     backbone = create_backbone(
-        "vit_tiny_patch16_224", 16, patch_size=4, embed_dim=96, depth=4, num_heads=3
+        "vit_tiny_patch16_224", 32, patch_size=8, embed_dim=96, depth=4, num_heads=3
     )
-    macs = {k: forward_macs(backbone, 16, num_kept(16, k)) for k in (1.0, 0.66, 0.5)}
-    for name, keep in [("DINO, keep 0.66, student-guided", 0.66),
-                       ("DINO, keep 0.5, random", 0.5)]:  # fmt: skip
+    macs = {k: forward_macs(backbone, 32, num_kept(16, k)) for k in (1.0, 0.5, 0.25)}
+    for name, keep in [("DINO, keep 0.5, attention_topk", 0.5),
+                       ("DINO, keep 0.25, random", 0.25)]:  # fmt: skip
         row = by_row[name]
         head_share = row["teacher_pflops"] / row["teacher_pflops_unmasked"]
         backbone_ratio = macs[keep] / macs[1.0]
         # the DINO head's cost does not shrink with the keep ratio, so the whole teacher's
         # ratio lies a little above the backbone's
         assert backbone_ratio <= head_share < backbone_ratio + 0.1
+    adaptive = by_row["KD, adaptive from 1.0"]
+    assert adaptive["probe_share"] > 0 and 0.1 <= adaptive["keep_mean"] <= 1.0
     assert by_row["MAE alone"]["teacher_pflops"] == 0
     assert by_row["DMAE ← MAE teacher"]["teacher_pflops"] > 0
 
     torch.manual_seed(0)
     fresh = create_backbone(
-        "vit_tiny_patch16_224", 16, patch_size=4, embed_dim=96, depth=4, num_heads=3
+        "vit_tiny_patch16_224", 32, patch_size=8, embed_dim=96, depth=4, num_heads=3
     )
-    knn = evaluate_knn(fresh, eval_splits("digits", 16, seed=0), ks=(20,), progress=False)
-    assert by_row["random init (DINO's ViT, 16 px)"]["knn_top1"] == pytest.approx(knn[20]["top1"])
+    splits = eval_splits("cluttered_digits", 32, seed=0)
+    knn = evaluate_knn(fresh, splits, ks=(20,), progress=False)
+    assert by_row["DINO, random init"]["knn_top1"] == pytest.approx(knn[20]["top1"])
 
 
 @pytest.mark.gpu

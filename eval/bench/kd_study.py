@@ -29,7 +29,6 @@ logit KD, MaskedKD 0.5, MaskedKD 0.5 + ViTKD), a table printed and nothing writt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -44,7 +43,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import aggregate as report_aggregate
-from report import fmt, machine, write_section
+from report import beyond_one_std, fmt, machine, train_run, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
@@ -124,22 +123,10 @@ def student_values(
 
 
 def run(values: dict[str, Any], source: str, quiet: bool, reuse: bool = False) -> dict[str, Any]:
-    """Trains in this process; returns the run's summary.json. `reuse`: a finished run of the
-    same config (its config.yaml equal, its summary.json written) is read, not trained again."""
-    from ssl_kd.config import to_yaml
-    from ssl_kd.engine.trainer import train
+    """Trains in this process (or reads the finished run, `reuse`); returns its summary.json."""
     from ssl_kd.run_config import config_from_dict
 
-    cfg = config_from_dict(values, source)
-    out = Path(cfg.output_dir)
-    saved, summary = out / "config.yaml", out / "summary.json"
-    if reuse and summary.is_file() and saved.is_file() and saved.read_text() == to_yaml(cfg):
-        return json.loads(summary.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        return train(cfg, overwrite=True)
-    with (out / "study.log").open("w") as log, contextlib.redirect_stdout(log):
-        return train(cfg, overwrite=True)
+    return train_run(config_from_dict(values, source), quiet, reuse)
 
 
 def record_of(name: str, seed: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +144,6 @@ def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str,
     )
 
 
-def apart(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """a's mean top-1 lies above b's by more than one standard deviation (the larger of the
-    two rows' sample stds)."""
-    (mean_a, std_a), (mean_b, std_b) = a["val_top1"], b["val_top1"]
-    return mean_a - mean_b > max(std_a, std_b)
-
-
 def ordering_verdict(lines: list[dict[str, Any]]) -> str:
     """The paper's Table 3d claim (top-k > random > bottom-k at keep 0.5), said plainly."""
     by_name = {line["row"]: line for line in lines}
@@ -171,7 +151,8 @@ def ordering_verdict(lines: list[dict[str, Any]]) -> str:
                           for slug in ("maskedkd_topk_0.5", "maskedkd_random_0.5",
                                        "maskedkd_bottomk_0.5"))  # fmt: skip
     means = ", ".join(f"{fmt(line['val_top1'])}" for line in (topk, rand, bottom))
-    holds = {"top-k > random": apart(topk, rand), "random > bottom-k": apart(rand, bottom)}
+    holds = {"top-k > random": beyond_one_std(topk, rand, "val_top1"),
+             "random > bottom-k": beyond_one_std(rand, bottom, "val_top1")}  # fmt: skip
     said = "; ".join(f"{claim}: {'yes' if ok else 'no'}" for claim, ok in holds.items())
     verdict = "holds" if all(holds.values()) else "does not hold"
     return (

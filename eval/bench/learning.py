@@ -1,108 +1,207 @@
-"""Does masking the teacher cost representation quality? A study on the bundled digits.
+"""Does masking the teacher cost quality, and does it matter which patches it sees? A study on
+the cluttered digits, where most patches hold no part of the digit.
 
     .venv/bin/python eval/bench/learning.py [--quick] [--seeds 0 1 2] [--workdir runs/learning]
 
-For each seed (the seed of the weights, the augmentations and the held-out split), it trains
-and then evaluates the backbone each method hands over (DINO: the EMA teacher; MAE/DMAE: the
-encoder) with k-NN (k = 20, T = 0.07, DINO's protocol) and a linear probe on frozen features
-(DINO's protocol for DINO rows, MAE's BatchNorm + LARS protocol for MAE rows; last epoch):
+For each seed (the seed of the weights, the augmentations and the held-out split):
 
-- random init of each architecture (no training);
-- DINO with the teacher at keep 1.0, 0.66 and 0.5 of the patches, chosen by the student's
-  last-block [CLS] attention (MaskedKD), and at keep 0.5 chosen at random and by the lowest
-  attention (`attention_bottomk`), all from configs/demo.yaml at 16 px (4×4 patches of 4 px,
-  local crops 8 px) so that one run takes about a minute on a 2-core CPU;
-- MAE alone and DMAE (the same student and steps, plus feature alignment to a frozen MAE
-  teacher that sees the student's visible patches and stops at the aligned block), from
-  configs/demo_dmae.yaml; the teacher is pretrained once (configs/demo_mae_teacher.yaml, seed 0)
-  and shared by every seed, its cost reported on its own row.
+- DINO on the cluttered digits (configs/demo.yaml's tiny ViT and head, the 64-px canvases read
+  at 32 px with 8-px patches: 16 patches, of which the digit touches about a quarter), the
+  EMA teacher scored by k-NN (k = 20, T = 0.07, DINO's protocol) and a linear probe on frozen
+  features: random init; the teacher at keep 1.0; at keep 0.5 and 0.25 of the patches chosen
+  by the student's last-block [CLS] attention (`attention_topk`, MaskedKD), at random, and the
+  least attended (`attention_bottomk`); and the adaptive keep ratio (`masking.adaptive`,
+  starting at 1.0, the default tolerance);
+- supervised KD on the same images (configs/demo_kd.yaml's student from configs/
+  demo_kd_teacher.yaml's teacher, trained per seed on that seed's split, both at 48 px: 36
+  patches): the same nine keep ratios and strategies; the student's top-1 on the held-out split;
+- MAE alone and DMAE (feature alignment to a frozen MAE teacher that sees the student's visible
+  patches and stops at the aligned block) on the plain digits, configs/demo_dmae.yaml, scored
+  like DINO (MAE's linear protocol); the MAE teacher is pretrained once (seed 0) and shared.
 
-Writes a Markdown table (mean ± sample std over seeds) with the exact command and machine to
-`--results` (default eval/bench/RESULTS.md; with `--quick`, the work dir) and every run's
-numbers to `learning.json` beside it. `--quick`: one seed and short schedules, a smoke run of
-a few minutes whose numbers say little.
+Writes its section of `--results` (default eval/bench/RESULTS.md; with `--quick`, the work dir):
+mean ± sample std over seeds, the exact command and machine, whether the strategies are apart
+beyond one standard deviation at keep 0.25, the adaptive runs against the fixed ratios; every
+run's numbers go to `learning.json` beside it. `--quick`: one seed, one or two epochs per run, a
+smoke run whose numbers say little. `--reuse`: finished runs of the same config are read from
+the work dir, not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import aggregate as report_aggregate
-from report import fmt, machine, write_section
+from report import aggregate, beyond_one_std, fmt, machine, train_run, write_section
+from report import mean_std as report_mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
 
-# DINO at 16 px: the digits are 8×8, so 4×4 patches of 4 px still cover 2×2 source pixels each;
-# a run costs a quarter of the demo's 32 px and learns more per second (k-NN 64.7 vs 50.3 after
-# 85 s vs 102 s of training, seed 0, keep 0.5).
-DINO_BASE = ["model.img_size=16", "data.global_crop_size=16", "data.local_crop_size=8"]
-DINO_SCHEDULE = {"full": ["train.epochs=20", "optim.warmup_epochs=2"],
-                 "quick": ["train.epochs=3", "optim.warmup_epochs=1"]}  # fmt: skip
-MAE_SCHEDULE = {"full": ["train.epochs=20", "optim.warmup_epochs=2"],
-                "quick": ["train.epochs=2", "optim.warmup_epochs=1"]}  # fmt: skip
-TEACHER_SCHEDULE = {"full": ["train.epochs=30"], "quick": ["train.epochs=2"]}
+# DINO reads the 64-px cluttered canvases at 32 px with 8-px patches: 16 patches, the digit
+# (8-12 px) touching about 4 of them. At 64 px a DINO run costs ~4× as much, and 3 seeds of every
+# row would not fit in 45 minutes on 2 cores. Batch 64 with 2 local views: on these images DINO
+# gains more per second from more, smaller steps (k-NN 26.7 vs 23.3 after 20 epochs at batch
+# 128 with 4 views, seed 0). KD reads them at 48 px (36 patches, the digit touching 4-9): at
+# 32 px the teacher reached 47% top-1 and its students stayed near chance (22%) in 20 epochs.
+DINO_BASE = ["data.name=cluttered_digits", "model.img_size=32", "data.global_crop_size=32",
+             "model.kwargs.patch_size=8", "data.local_crop_size=16", "data.num_local_views=2",
+             "train.batch_size=64"]  # fmt: skip
+KD_BASE = ["model.img_size=48", "data.global_crop_size=48"]  # configs/demo_kd*.yaml: clutter
+SCHEDULES = {
+    "dino": {"full": ["train.epochs=20", "optim.warmup_epochs=2"],
+             "quick": ["train.epochs=2", "optim.warmup_epochs=1"]},
+    "kd": {"full": ["train.epochs=20"], "quick": ["train.epochs=1"]},
+    "kd_teacher": {"full": [], "quick": ["train.epochs=2"]},  # the config's 40 epochs
+    "mae": {"full": ["train.epochs=20", "optim.warmup_epochs=2"],
+            "quick": ["train.epochs=2", "optim.warmup_epochs=1"]},
+    "mae_teacher": {"full": ["train.epochs=30"], "quick": ["train.epochs=2"]},
+}  # fmt: skip
 # Base learning rates (per 256 images) of the linear probe. The ImageNet defaults (SGD 1e-3,
 # LARS 0.1) underfit in the ~600 steps of 100 epochs on 1,437 digits; these were chosen once
 # from {1e-3, 0.03, 0.3, 3} and {0.1, 1, 10, 30, 100} on one pilot run per protocol (seed 0's
 # held-out split: a DINO keep-0.5 run and the MAE teacher) and are fixed for every row.
 PROBE_LR = {"dino": 0.3, "mae": 100.0}
 NO_TRAINER_EVAL = ["eval.knn_at_end=false", "eval.knn_random_init=false", "eval.knn_every_epochs=0"]
+STRATEGIES = ("attention_topk", "random", "attention_bottomk")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
     name: str
+    group: str  # dino, kd, mae (and the teachers): which schedule and which table
     config: str  # under configs/
-    overrides: list[str] = field(default_factory=list)
-    protocol: str = "dino"  # linear-probe protocol
+    overrides: tuple[str, ...] = ()
     train: bool = True
-    group: str = "dino"  # which schedule; "teacher": trained once, seed 0
+    keep: float | None = None  # the teacher's fixed keep ratio (None: adaptive or no teacher)
+    strategy: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        """How the row is scored: k-NN + linear probe (dino, mae protocols) or the student's
+        top-1 on the held-out split (classify)."""
+        return {"dino": "dino", "mae": "mae", "mae_teacher": "mae"}.get(self.group, "classify")
+
+    @property
+    def adaptive(self) -> bool:
+        return "masking.adaptive=true" in self.overrides
 
 
-def dino_row(name: str, keep: float, strategy: str = "attention_topk") -> Row:
-    masking = [f"masking.keep_ratio={keep}", f"masking.strategy={strategy}"]
-    return Row(name, "demo.yaml", DINO_BASE + masking)
+def masked_rows(group: str, config: str, base: list[str]) -> list[Row]:
+    """Keep 1.0; keep 0.5 and 0.25 with each strategy; the adaptive keep ratio from 1.0."""
+    label = {"dino": "DINO", "kd": "KD"}[group]
+    rows = [Row(f"{label}, keep 1.0", group, config, (*base, "masking.keep_ratio=1.0"), keep=1.0)]
+    for keep in (0.5, 0.25):
+        for strategy in STRATEGIES:
+            masking = (f"masking.keep_ratio={keep}", f"masking.strategy={strategy}")
+            rows.append(Row(f"{label}, keep {keep}, {strategy}", group, config, (*base, *masking),
+                            keep=keep, strategy=strategy))  # fmt: skip
+    adaptive = ("masking.keep_ratio=1.0", "masking.adaptive=true")
+    rows.append(Row(f"{label}, adaptive from 1.0", group, config, (*base, *adaptive)))
+    return rows
 
 
+KD_TEACHER = Row("KD teacher (per seed)", "kd_teacher", "demo_kd_teacher.yaml", tuple(KD_BASE))
+MAE_TEACHER = Row("MAE teacher (pretrained once, seed 0)", "mae_teacher", "demo_mae_teacher.yaml")
 ROWS = [
-    Row("random init (DINO's ViT, 16 px)", "demo.yaml", DINO_BASE, train=False),
-    dino_row("DINO, keep 1.0 (plain)", 1.0),
-    dino_row("DINO, keep 0.66, student-guided", 0.66),
-    dino_row("DINO, keep 0.5, student-guided", 0.5),
-    dino_row("DINO, keep 0.5, random", 0.5, "random"),
-    dino_row("DINO, keep 0.5, attention_bottomk", 0.5, "attention_bottomk"),
-    Row("random init (MAE student's ViT)", "demo_dmae.yaml", ["method=mae"], "mae", False, "mae"),
-    Row("MAE alone", "demo_dmae.yaml", ["method=mae"], "mae", group="mae"),
-    Row("DMAE ← MAE teacher", "demo_dmae.yaml", [], "mae", group="mae"),
+    Row("DINO, random init", "dino", "demo.yaml", tuple(DINO_BASE), train=False),
+    *masked_rows("dino", "demo.yaml", DINO_BASE),
+    *masked_rows("kd", "demo_kd.yaml", KD_BASE),
+    Row("MAE, random init", "mae", "demo_dmae.yaml", ("method=mae",), train=False),
+    Row("MAE alone", "mae", "demo_dmae.yaml", ("method=mae",)),
+    Row("DMAE ← MAE teacher", "mae", "demo_dmae.yaml"),
 ]
-TEACHER = Row("MAE teacher (pretrained once, seed 0)", "demo_mae_teacher.yaml", [], "mae",
-              group="teacher")  # fmt: skip
 
 
-def overrides_of(row: Row, seed: int, mode: str, workdir: Path, teacher_ckpt: Path) -> list[str]:
-    schedule = {"dino": DINO_SCHEDULE, "mae": MAE_SCHEDULE, "teacher": TEACHER_SCHEDULE}
-    extra = [f"dmae.teacher_checkpoint={teacher_ckpt}"] if row.name.startswith("DMAE") else []
-    return [
-        *row.overrides,
-        *schedule[row.group][mode],
-        *extra,
-        *NO_TRAINER_EVAL,
-        f"train.seed={seed}",
-        f"output_dir={run_dir(workdir, row, seed)}",
+# --calibrate: how the methods' default masking.tolerance (`default_tolerance`) was chosen. On a
+# seed outside the study's, DINO and KD run at a fixed keep ratio of 0.5 and 0.25 (top-k) while
+# the adaptive keep ratio's probe measures the gap every hundredth of the run without moving the
+# ratio (its bounds pinned at the fixed ratio, its tolerance out of reach). The default is the
+# mean gap over the second half of the keep-0.5 run, to one significant digit: the controller
+# then lowers the ratio below MaskedKD's rule-of-thumb 50% only while masking moves the
+# targets less than that ratio does once the student has found the digit, and raises it
+# above 50% where and while it moves them more.
+CALIBRATION_SEED = 100
+CALIBRATION_KEEPS = (0.5, 0.25)
+
+
+def calibration_rows() -> list[Row]:
+    rows = []
+    for label, group, config, base in (("DINO", "dino", "demo.yaml", DINO_BASE),
+                                       ("KD", "kd", "demo_kd.yaml", KD_BASE),
+                                       ("DMAE", "mae", "demo_dmae.yaml", [])):  # fmt: skip
+        key = "dmae.teacher_keep_ratio" if group == "mae" else "masking.keep_ratio"
+        for keep in CALIBRATION_KEEPS:
+            pinned = (f"{key}={keep}", f"masking.adaptive_min={keep}", "masking.adaptive=true",
+                      "masking.tolerance=1e9")  # fmt: skip
+            name = f"calibration {label} {'teacher ' if group == 'mae' else ''}keep {keep}"
+            rows.append(Row(name, group, config, (*base, *pinned), keep=keep))
+    return rows
+
+
+def late_gaps(run: Path) -> list[float]:
+    """The probes' gaps over the second half of a calibration run, from its metrics.jsonl logged
+    every step (each line holds the latest probe's gap: a new value is a new probe)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probes, last = [], None
+    for line in lines:
+        gap = line.get("masking/gap")
+        if gap is not None and gap != last:
+            probes.append((line["step"], gap))
+            last = gap
+    end = max(step for step, _ in probes)
+    return [gap for step, gap in probes if step > end / 2]
+
+
+def calibrate(mode: str, workdir: Path, results: Path, command: str, reuse: bool) -> None:
+    from ssl_kd.run_config import load_config
+
+    start = time.perf_counter()
+    seed = CALIBRATION_SEED
+    run_one(KD_TEACHER, seed, mode, workdir, reuse)
+    run_one(MAE_TEACHER, 0, mode, workdir, reuse)  # DMAE's, shared with the study
+    out = [
+        "# Calibration of the adaptive keep ratio's default tolerance",
+        "",
+        f"Produced by `{command}` ({mode} mode) on {datetime.date.today().isoformat()} on: "
+        f"{machine()}. Seed {seed} (not one of the study's). The study's DINO and KD runs at a "
+        "fixed keep ratio (top-k); the probe (the full teacher on 1/8 of the batch) measures the "
+        "gap every hundredth of the run without moving the ratio. Default tolerance: the mean "
+        "gap over the second half at keep 0.5, to one significant digit.",
+        "",
+        "| run | probes (2nd half) | gap, mean ± std over those probes | gap, whole run | top-1 |",
+        "|---|---|---|---|---|",
     ]
+    chosen = {}
+    for row in calibration_rows():
+        overrides = [*overrides_of(row, seed, mode, workdir), "train.log_every_steps=1"]
+        cfg = load_config(REPO / "configs" / row.config, overrides)
+        summary = train_run(cfg, quiet=True, reuse=reuse)
+        gaps = late_gaps(Path(cfg.output_dir))
+        mean, std = report_mean_std(gaps)
+        whole = summary["keep_ratio_adaptive"]["gap_mean"]
+        top1 = f"{summary['val_top1']:.1f}" if "val_top1" in summary else ""
+        out.append(f"| {row.name} | {len(gaps)} | {mean:.4f} ± {std:.4f} | {whole:.4f} | {top1} |")
+        if row.keep == 0.5:
+            chosen[{"mae": "dmae"}.get(row.group, row.group)] = float(f"{mean:.1g}")
+        print(out[-1], flush=True)
+    out += ["", "Chosen defaults (`default_tolerance` of each method): " + ", ".join(
+        f"{group} {value:g}" for group, value in chosen.items()
+    ) + (". Finished runs read back (--reuse)." if reuse else
+         f". {(time.perf_counter() - start) / 60:.1f} min.")]  # fmt: skip
+    text = "\n".join(out) + "\n"
+    write_section(results, "calibration", text)
+    print(text)
 
 
 def run_dir(workdir: Path, row: Row, seed: int) -> Path:
@@ -110,14 +209,31 @@ def run_dir(workdir: Path, row: Row, seed: int) -> Path:
     return workdir / f"{slug}" / f"seed{seed}"
 
 
-def evaluate(backbone: Any, protocol: str, seed: int, quick: bool) -> dict[str, float]:
-    """k-NN (k = 20) and linear-probe top-1 on the digits split held out for this seed."""
+def overrides_of(row: Row, seed: int, mode: str, workdir: Path) -> list[str]:
+    teachers = {"kd": run_dir(workdir, KD_TEACHER, seed), "mae": run_dir(workdir, MAE_TEACHER, 0)}
+    extra = []
+    if row.group == "kd":
+        extra = [f"kd.teacher_checkpoint={teachers['kd'] / 'checkpoint.pth'}"]
+    elif "DMAE" in row.name:
+        extra = [f"dmae.teacher_checkpoint={teachers['mae'] / 'checkpoint.pth'}"]
+    return [
+        *row.overrides,
+        *SCHEDULES[row.group][mode],
+        *extra,
+        *NO_TRAINER_EVAL,
+        f"train.seed={seed}",
+        f"output_dir={run_dir(workdir, row, seed)}",
+    ]
+
+
+def evaluate(backbone: Any, protocol: str, seed: int, quick: bool, data: str) -> dict[str, float]:
+    """k-NN (k = 20) and linear-probe top-1 on the split of `data` held out for this seed."""
     from ssl_kd.data.splits import eval_splits
     from ssl_kd.evaluation.knn import evaluate_knn
     from ssl_kd.evaluation.linear import LinearProbeConfig, linear_probe
 
     img_size = backbone.vit.patch_embed.img_size[0]
-    splits = eval_splits("digits", img_size, seed=seed)
+    splits = eval_splits(data, img_size, seed=seed)
     knn = evaluate_knn(backbone, splits, ks=(20,), progress=False)[20]
     probe = LinearProbeConfig(
         protocol=protocol, epochs=10 if quick else 100, lr=PROBE_LR[protocol], seed=seed
@@ -126,90 +242,170 @@ def evaluate(backbone: Any, protocol: str, seed: int, quick: bool) -> dict[str, 
     return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
 
 
-def run_one(row: Row, seed: int, mode: str, workdir: Path, teacher_ckpt: Path) -> dict[str, Any]:
+def run_one(row: Row, seed: int, mode: str, workdir: Path, reuse: bool) -> dict[str, Any]:
     from ssl_kd.engine.build import build_backbone
-    from ssl_kd.engine.trainer import train
     from ssl_kd.evaluation.loading import load_backbone
     from ssl_kd.run_config import load_config
 
-    cfg = load_config(
-        REPO / "configs" / row.config, overrides_of(row, seed, mode, workdir, teacher_ckpt)
-    )
-    record: dict[str, Any] = {"row": row.name, "seed": seed}
+    cfg = load_config(REPO / "configs" / row.config, overrides_of(row, seed, mode, workdir))
+    record: dict[str, Any] = {"row": row.name, "seed": seed, "keep_mean": row.keep or 0.0}
     if row.train:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "study.log").open("w") as log, contextlib.redirect_stdout(log):
-            summary = train(cfg, overwrite=True)
-        backbone, _ = load_backbone(out / "checkpoint.pth")
-        record.update(
-            steps=summary["steps"],
-            teacher_pflops=summary["teacher_pflops"],
-            teacher_pflops_unmasked=summary["teacher_pflops_unmasked"],
-            wall_s=summary["wall_s"],
-        )
+        summary = train_run(cfg, quiet=True, reuse=reuse)
+        costs = ("steps", "teacher_pflops", "teacher_pflops_unmasked", "wall_s")
+        record.update({key: summary[key] for key in costs})
+        adaptive = summary.get("keep_ratio_adaptive")
+        if adaptive:
+            record.update(
+                keep_mean=adaptive["mean"], keep_final=adaptive["final"],
+                probe_share=adaptive["probe_share"], gap_mean=adaptive["gap_mean"],
+            )  # fmt: skip
+        if row.protocol == "classify":
+            record["top1"] = summary["val_top1"]
+            return record
+        backbone, _ = load_backbone(Path(cfg.output_dir) / "checkpoint.pth")
     else:
         torch.manual_seed(seed)
         backbone = build_backbone(cfg)
         record.update(steps=0, teacher_pflops=0.0, teacher_pflops_unmasked=0.0, wall_s=0.0)
-    record.update(evaluate(backbone, row.protocol, seed, mode == "quick"))
+    record.update(evaluate(backbone, row.protocol, seed, mode == "quick", cfg.data.name))
     return record
 
 
-def aggregate(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """One line per row name, in `names` order: mean ± std of each number over its seeds."""
-    return report_aggregate(
-        records,
-        names,
-        ("knn_top1", "linear_top1", "teacher_pflops", "teacher_pflops_unmasked", "wall_s", "steps"),
-    )
+NUMBERS = {
+    "dino": ("knn_top1", "linear_top1"),
+    "mae": ("knn_top1", "linear_top1"),
+    "mae_teacher": ("knn_top1", "linear_top1"),
+    "kd": ("top1",),
+    "kd_teacher": ("top1",),
+}
+COSTS = ("teacher_pflops", "teacher_pflops_unmasked", "wall_s", "steps", "keep_mean")
 
 
-def markdown(lines: list[dict[str, Any]], command: str, mode: str, wall_s: float) -> str:
-    plain = next(line for line in lines if line["row"].startswith("DINO, keep 1.0"))
+def lines_of(records: list[dict[str, Any]], rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """Per row name: mean ± std over its seeds of its scores and costs."""
+    lines = {}
+    for row in rows:
+        mine = [r for r in records if r["row"] == row.name]
+        if mine:
+            extra = ("keep_final", "probe_share", "gap_mean") if row.adaptive else ()
+            (lines[row.name],) = aggregate(mine, [row.name], (*NUMBERS[row.group], *COSTS, *extra))
+    return lines
+
+
+def verdicts(lines: dict[str, dict[str, Any]], label: str, score: str) -> list[str]:
+    """(a) top-k > random > bottom-k at keep 0.25, (b) the adaptive run against keep 1.0, said
+    plainly for one group's score."""
+    topk, rand, bottom = (lines.get(f"{label}, keep 0.25, {s}") for s in STRATEGIES)
+    plain, adaptive = lines.get(f"{label}, keep 1.0"), lines.get(f"{label}, adaptive from 1.0")
+    out = []
+    if topk and rand and bottom:
+        holds = {"top-k > random": beyond_one_std(topk, rand, score),
+                 "random > bottom-k": beyond_one_std(rand, bottom, score)}  # fmt: skip
+        said = "; ".join(f"{claim}: {'yes' if ok else 'no'}" for claim, ok in holds.items())
+        means = ", ".join(fmt(line[score]) for line in (topk, rand, bottom))
+        out.append(
+            f"- {label} {score}, keep 0.25: top-k > random > bottom-k "
+            f"{'holds' if all(holds.values()) else 'does not hold'} beyond one standard "
+            f"deviation (top-k, random, bottom-k: {means}; {said})."
+        )
+    if plain and adaptive:
+        (mean, _), (ref, ref_std) = adaptive[score], plain[score]
+        share = adaptive["teacher_pflops"][0] / plain["teacher_pflops"][0]
+        within = mean >= ref - ref_std
+        out.append(
+            f"- {label} {score}, adaptive from 1.0: {fmt(adaptive[score])} against "
+            f"{fmt(plain[score])} at keep 1.0 ({mean - ref:+.1f}; "
+            f"{'within' if within else 'not within'} one std of keep 1.0) at {share:.2f}× its "
+            f"teacher PFLOPs, probes included (target ≤ 0.60: "
+            f"{'met' if within and share <= 0.6 else 'missed'}); mean keep ratio "
+            f"{fmt(adaptive['keep_mean'], 2)}, final {fmt(adaptive['keep_final'], 2)}."
+        )
+    return out
+
+
+def table(lines: dict[str, dict[str, Any]], rows: list[Row], scores: tuple[str, ...]) -> list[str]:
+    header = " | ".join(scores)
     out = [
-        "# Learning-quality study: does masking the teacher cost quality?",
+        f"| run | seeds | {header} | teacher PFLOPs | vs keep 1.0 | mean keep | steps | wall s |",
+        "|---" * (7 + len(scores)) + "|",
+    ]
+    plain = next((lines[r.name] for r in rows if r.keep == 1.0 and r.name in lines), None)
+    for row in rows:
+        line = lines.get(row.name)
+        if line is None:
+            continue
+        pflops = line["teacher_pflops"][0]
+        share = f"{pflops / plain['teacher_pflops'][0]:.3f}" if plain and pflops else ""
+        keep = fmt(line["keep_mean"], 2) if row.adaptive else (f"{row.keep:g}" if row.keep else "")
+        values = " | ".join(fmt(line[score]) for score in scores)
+        out.append(
+            f"| {row.name} | {len(line['seeds'])} | {values} | {pflops:.5f} | {share} | {keep} "
+            f"| {line['steps'][0]:.0f} | {line['wall_s'][0]:.0f} |"
+        )
+    return out
+
+
+def markdown(records: list[dict[str, Any]], command: str, mode: str, wall_s: float) -> str:
+    all_rows = [*ROWS, KD_TEACHER, MAE_TEACHER]
+    lines = lines_of(records, all_rows)
+    groups = {g: [r for r in ROWS if r.group == g] for g in ("dino", "kd", "mae")}
+    kd_teacher, mae_teacher = lines.get(KD_TEACHER.name), lines.get(MAE_TEACHER.name)
+    out = [
+        "# Learning-quality study: which patches the teacher sees, and a keep ratio that finds "
+        "itself",
         "",
         f"Produced by `{command}` ({mode} mode) on {datetime.date.today().isoformat()}, "
         f"in {wall_s / 60:.1f} min on: {machine()}.",
         "",
-        "Bundled scikit-learn digits; each seed draws its own weights, augmentations and 20% "
-        "held-out split (so the std also covers the split). k-NN: k = 20, T = 0.07 on the "
-        "backbone each method hands over (DINO: the EMA teacher; MAE/DMAE: the encoder). "
-        "Linear: frozen features, last epoch (DINO protocol: last 4 [CLS], SGD, base lr "
-        f"{PROBE_LR['dino']:g}; MAE protocol: BatchNorm + linear, LARS, base lr "
-        f"{PROBE_LR['mae']:g}; 100 epochs; the rates picked once on a pilot run, see the "
-        "script). Teacher PFLOPs: the teacher's "
-        "forward passes of the whole run (2 FLOPs per multiply-add). Wall: training only. "
-        "Δ: difference of the means to DINO at keep 1.0.",
+        "Each seed draws its own weights, augmentations and 20% held-out split (so the std also "
+        "covers the split). Teacher PFLOPs: the teacher's forward passes of the whole run, the "
+        "adaptive runs' probes included (2 FLOPs per multiply-add); vs keep 1.0: the share of "
+        "the same group's keep-1.0 row. Mean keep: the teacher's keep ratio averaged over the "
+        "run's steps. Wall: training only. Adaptive rows: `masking.adaptive=true` from keep 1.0 "
+        "with every other masking key at its default (no per-run tuning).",
         "",
-        "| run | seeds | k-NN top-1 | linear top-1 | Δ k-NN | Δ linear | teacher PFLOPs | "
-        "teacher vs unmasked | steps | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "## Verdicts",
+        "",
+        *verdicts(lines, "DINO", "knn_top1"),
+        *verdicts(lines, "DINO", "linear_top1"),
+        *verdicts(lines, "KD", "top1"),
+        "",
+        "## DINO on the cluttered digits (32 px, 16 patches)",
+        "",
+        "configs/demo.yaml's ViT (width 96, depth 4) and head; k-NN: k = 20, T = 0.07 on the EMA "
+        "teacher; linear: frozen features, last 4 [CLS], SGD, base lr "
+        f"{PROBE_LR['dino']:g}, 100 epochs, last epoch.",
+        "",
+        *table(lines, groups["dino"], ("knn_top1", "linear_top1")),
+        "",
+        "## Supervised KD on the cluttered digits (48 px, 36 patches)",
+        "",
+        "Student: configs/demo_kd.yaml (ViT, width 64, depth 4), logit KD (soft, τ = 1, "
+        "α = 0.5). Teacher: configs/demo_kd_teacher.yaml (ViT, width 96, depth 6), trained per "
+        "seed on that seed's split"
+        + (f": top-1 {fmt(kd_teacher['top1'])}." if kd_teacher else "."),
+        "",
+        *table(lines, groups["kd"], ("top1",)),
+        "",
+        "## MAE and DMAE on the plain digits",
+        "",
+        "configs/demo_dmae.yaml; MAE's linear protocol (BatchNorm + linear, LARS, base lr "
+        f"{PROBE_LR['mae']:g}). The MAE teacher is pretrained once (seed 0)"
+        + (
+            f": k-NN {fmt(mae_teacher['knn_top1'])}, linear {fmt(mae_teacher['linear_top1'])}."
+            if mae_teacher
+            else "."
+        ),
+        "",
+        *table(lines, groups["mae"], ("knn_top1", "linear_top1")),
+        "",
+        "Recipes (overrides on top of the named config; `train.seed`, `output_dir` and the "
+        "teacher checkpoint vary per run):",
+        "",
     ]
-    for line in lines:
-        dino = line["row"].startswith("DINO")
-        delta = (
-            (
-                f"{line['knn_top1'][0] - plain['knn_top1'][0]:+.1f}",
-                f"{line['linear_top1'][0] - plain['linear_top1'][0]:+.1f}",
-            )
-            if dino
-            else ("", "")
-        )
-        pflops, unmasked = line["teacher_pflops"][0], line["teacher_pflops_unmasked"][0]
-        ratio = f"{pflops / unmasked:.3f}" if unmasked > 0 else ""
-        out.append(
-            f"| {line['row']} | {len(line['seeds'])} | {fmt(line['knn_top1'])} | "
-            f"{fmt(line['linear_top1'])} | {delta[0]} | {delta[1]} | "
-            f"{pflops:.5f} | {ratio} | {line['steps'][0]:.0f} | {line['wall_s'][0]:.0f} |"
-        )
-    out += ["", "Recipes (overrides on top of the named config; `train.seed` and "
-            "`output_dir` vary per run):", ""]  # fmt: skip
     mode_key = "quick" if mode == "quick" else "full"
-    for row in [*ROWS, TEACHER]:
-        schedule = {"dino": DINO_SCHEDULE, "mae": MAE_SCHEDULE, "teacher": TEACHER_SCHEDULE}
-        args = [*row.overrides, *(schedule[row.group][mode_key] if row.train else [])]
+    for row in all_rows:
+        args = [*row.overrides, *(SCHEDULES[row.group][mode_key] if row.train else [])]
         out.append(f"- {row.name}: `configs/{row.config}` {' '.join(args)}")
     return "\n".join(out) + "\n"
 
@@ -220,6 +416,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/learning[_quick]")
     parser.add_argument("--results", type=Path, default=None, help="Markdown file to write")
+    parser.add_argument(
+        "--calibrate", action="store_true",
+        help="measure the gaps that chose the default masking.tolerance (seed 100)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="read finished runs of the same config from the work dir instead of training them",
+    )  # fmt: skip
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -227,25 +431,30 @@ def main() -> None:
     results = args.results or (workdir / "RESULTS.md" if args.quick else DEFAULT_RESULTS)
     command = shlex.join(["python", "eval/bench/learning.py", *sys.argv[1:]])
 
+    if args.calibrate:
+        calibrate(mode, workdir, results, command, args.reuse)
+        return
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
-    teacher = run_one(TEACHER, 0, mode, workdir, Path())
-    records.append(teacher)
-    teacher_ckpt = run_dir(workdir, TEACHER, 0) / "checkpoint.pth"
-    print(f"{TEACHER.name}: k-NN {teacher['knn_top1']:.1f}, linear {teacher['linear_top1']:.1f}")
+
+    def run(row: Row, seed: int) -> None:
+        record = run_one(row, seed, mode, workdir, args.reuse)
+        records.append(record)
+        scores = ", ".join(f"{key} {record[key]:.1f}" for key in NUMBERS[row.group])
+        print(
+            f"seed {seed} {row.name}: {scores}, teacher {record['teacher_pflops']:.5f} PFLOPs, "
+            f"{record['wall_s']:.0f} s ({(time.perf_counter() - start) / 60:.1f} min so far)",
+            flush=True,
+        )
+
+    run(MAE_TEACHER, 0)
     for seed in seeds:
+        run(KD_TEACHER, seed)
         for row in ROWS:
-            record = run_one(row, seed, mode, workdir, teacher_ckpt)
-            records.append(record)
-            print(
-                f"seed {seed} {row.name}: k-NN {record['knn_top1']:.1f}, linear "
-                f"{record['linear_top1']:.1f}, teacher {record['teacher_pflops']:.5f} PFLOPs, "
-                f"{record['wall_s']:.0f} s ({(time.perf_counter() - start) / 60:.1f} min so far)",
-                flush=True,
-            )
-    lines = aggregate(records, [row.name for row in ROWS] + [TEACHER.name])
+            run(row, seed)
+    wall_s = time.perf_counter() - start
     results.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(lines, command, mode, time.perf_counter() - start)
+    text = markdown(records, command, mode, wall_s)
     write_section(results, "learning", text)
     (results.parent / "learning.json").write_text(json.dumps(records, indent=2) + "\n")
     print(text)

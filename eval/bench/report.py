@@ -34,6 +34,33 @@ def aggregate(
     return lines
 
 
+def beyond_one_std(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Line a's mean of `key` lies above line b's by more than one standard deviation (the larger
+    of the two lines' sample stds)."""
+    (mean_a, std_a), (mean_b, std_b) = a[key], b[key]
+    return mean_a - mean_b > max(std_a, std_b)
+
+
+def train_run(cfg: Any, quiet: bool, reuse: bool = False) -> dict[str, Any]:
+    """Trains `cfg` (an ssl_kd Config) in this process and returns the run's summary.json;
+    `quiet`: its output goes to OUTPUT_DIR/study.log. `reuse`: a finished run of the same config
+    (its config.yaml equal, its summary.json written) is read, not trained again."""
+    import json
+
+    from ssl_kd.config import to_yaml
+    from ssl_kd.engine.trainer import train
+
+    out = Path(cfg.output_dir)
+    saved, summary = out / "config.yaml", out / "summary.json"
+    if reuse and summary.is_file() and saved.is_file() and saved.read_text() == to_yaml(cfg):
+        return dict(json.loads(summary.read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        return train(cfg, overwrite=True)
+    with (out / "study.log").open("w") as log, contextlib.redirect_stdout(log):
+        return train(cfg, overwrite=True)
+
+
 def fmt(value: tuple[float, float], digits: int = 1) -> str:
     mean, std = value
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

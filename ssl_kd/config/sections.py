@@ -171,15 +171,16 @@ class MaskingConfig:
     # within `tolerance` of the full teacher's and raised when they are not.
     adaptive: bool = False
     # The largest gap tolerated, in the units of the method's loss (DINO, kd: KL in nats; dmae:
-    # its alignment loss). 0 never lowers the ratio. Provisional: the study of the adaptive
-    # keep ratio picks the default, which then stays fixed.
-    tolerance: float = 0.05
+    # its alignment loss). 0 never lowers the ratio. None takes the method's default, chosen
+    # once on the study of the adaptive keep ratio (eval/bench/learning.py --calibrate).
+    tolerance: float | None = None
     adaptive_min: float = 0.1  # the lowest ratio the controller goes to (the highest is 1.0)
     adaptive_step: float = 0.05  # how far one probe moves the ratio
     # Dead band: lowered only while gap < tolerance × (1 − hysteresis), raised once gap >
     # tolerance, held in between.
     hysteresis: float = 0.2
-    probe_every_steps: int = 50  # the gap is measured on steps 0, N, 2N, ...
+    # The gap is measured on steps 0, N, 2N, ...; None: a hundredth of the run's steps.
+    probe_every_steps: int | None = None
     probe_fraction: float = 0.125  # of each process's batch (at least one image)
 
     def check(self) -> None:
@@ -190,24 +191,18 @@ class MaskingConfig:
         check_choice("masking.strategy", self.strategy, STRATEGIES)
         check_ratio("masking.keep_ratio", self.keep_ratio)
         check_ratio("masking.keep_ratio_start", self.keep_ratio_start)
-        check_not_negative(
-            {
-                "masking.keep_ratio_warmup_epochs": self.keep_ratio_warmup_epochs,
-                "masking.tolerance": self.tolerance,
-            }
-        )
+        check_not_negative({"masking.keep_ratio_warmup_epochs": self.keep_ratio_warmup_epochs})
+        if self.tolerance is not None:
+            check_not_negative({"masking.tolerance": self.tolerance})
         check_ratio("masking.adaptive_min", self.adaptive_min)
         if not 0.0 < self.probe_fraction <= 1.0:
             raise ConfigError(
                 f"masking.probe_fraction={self.probe_fraction} must lie in (0, 1]: the share of "
                 "each process's batch the full teacher also sees on a probe step"
             )
-        check_positive(
-            {
-                "masking.adaptive_step": self.adaptive_step,
-                "masking.probe_every_steps": self.probe_every_steps,
-            }
-        )
+        check_positive({"masking.adaptive_step": self.adaptive_step})
+        if self.probe_every_steps is not None:
+            check_positive({"masking.probe_every_steps": self.probe_every_steps})
         if not 0.0 <= self.hysteresis < 1.0:
             raise ConfigError(f"masking.hysteresis={self.hysteresis} must lie in [0, 1)")
 

@@ -41,7 +41,7 @@ from ssl_kd.engine.stop import StopRequest
 from ssl_kd.errors import Terminated, UserError
 from ssl_kd.files import write_text_atomic
 from ssl_kd.methods import registry
-from ssl_kd.methods.base import Method, StepOutput, StepState
+from ssl_kd.methods.base import Method, StepOutput, StepState, probe_interval
 from ssl_kd.schedules import cosine_schedule
 from ssl_kd.seeding import generator_for, seed_for
 
@@ -96,6 +96,8 @@ class Trainer:
         self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.schedules = self._schedules()
         self.method.set_schedule(self.total_steps, self.steps_per_epoch)
+        if self.method.adaptive is not None and cfg.masking.probe_every_steps is None:
+            self.method.adaptive.probe_every = probe_interval(self.total_steps)
         self.step = 0
         # Teacher multiply-adds over ranks and steps; probe_macs: the part the probes cost.
         self.totals = dict.fromkeys(("teacher_macs", "teacher_macs_unmasked", "probe_macs"), 0.0)

@@ -78,6 +78,10 @@ class Method(nn.Module):
     # masking.keep_ratio / masking.strategy when the config leaves them unset (None).
     default_keep_ratio: ClassVar[float] = 1.0
     default_strategy: ClassVar[str] = "attention_topk"
+    # masking.tolerance when the config leaves it unset (None): the largest gap between the
+    # masked and the full teacher's targets the adaptive keep ratio tolerates, in the units of
+    # this method's gap (eval/bench/learning.py --calibrate says how each was chosen).
+    default_tolerance: ClassVar[float] = 0.05
     # model.pos_embed_interpolation when the config leaves it unset (None).
     default_pos_embed_interpolation: ClassVar[str] = "timm"
     # Where the backbones it can export sit in its state dict (part → module path of a
@@ -96,6 +100,8 @@ class Method(nn.Module):
             cfg.masking.keep_ratio = cls.default_keep_ratio
         if cfg.masking.strategy is None:
             cfg.masking.strategy = cls.default_strategy
+        if cfg.masking.tolerance is None:
+            cfg.masking.tolerance = cls.default_tolerance
         if cfg.model.pos_embed_interpolation is None:
             cfg.model.pos_embed_interpolation = cls.default_pos_embed_interpolation
 
@@ -269,14 +275,28 @@ class KeepRatioSchedule:
         return scheduled(self.values, step, self.final)
 
 
-def adaptive_controller(masking: MaskingConfig, start: float) -> KeepRatioController | None:
-    """The controller `masking.adaptive` asks for, starting at `start`; None when it is off."""
+PROBES_PER_RUN = 100  # masking.probe_every_steps unset: a probe every hundredth of the run
+
+
+def probe_interval(total_steps: int) -> int:
+    """Steps between probes when masking.probe_every_steps is unset: a hundredth of the run."""
+    return max(1, total_steps // PROBES_PER_RUN)
+
+
+def adaptive_controller(
+    masking: MaskingConfig, start: float, default_tolerance: float
+) -> KeepRatioController | None:
+    """The controller `masking.adaptive` asks for, starting at `start`, with the method's
+    `default_tolerance` where masking.tolerance is unset; None when it is off.
+    With masking.probe_every_steps unset, the trainer sets its interval from the run's length
+    (`probe_interval`)."""
     if not masking.adaptive:
         return None
+    tolerance = default_tolerance if masking.tolerance is None else masking.tolerance
     return KeepRatioController(
-        start, masking.tolerance, minimum=masking.adaptive_min, step_size=masking.adaptive_step,
-        hysteresis=masking.hysteresis, probe_every=masking.probe_every_steps,
-        probe_fraction=masking.probe_fraction,
+        start, tolerance, minimum=masking.adaptive_min, step_size=masking.adaptive_step,
+        hysteresis=masking.hysteresis, probe_fraction=masking.probe_fraction,
+        probe_every=masking.probe_every_steps or probe_interval(0),
     )  # fmt: skip
 
 
