@@ -32,9 +32,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
+import os
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,7 +348,9 @@ def table(lines: dict[str, dict[str, Any]], rows: list[Row], scores: tuple[str, 
     return out
 
 
-def markdown(records: list[dict[str, Any]], command: str, mode: str, wall_s: float) -> str:
+def markdown(
+    records: list[dict[str, Any]], command: str, mode: str, wall_s: float, parallel: str
+) -> str:
     all_rows = [*ROWS, KD_TEACHER, MAE_TEACHER]
     lines = lines_of(records, all_rows)
     groups = {g: [r for r in ROWS if r.group == g] for g in ("dino", "kd", "mae")}
@@ -355,7 +360,7 @@ def markdown(records: list[dict[str, Any]], command: str, mode: str, wall_s: flo
         "itself",
         "",
         f"Produced by `{command}` ({mode} mode) on {datetime.date.today().isoformat()}, "
-        f"in {wall_s / 60:.1f} min on: {machine()}.",
+        f"in {wall_s / 60:.1f} min ({parallel}, each run in one process) on: {machine()}.",
         "",
         "Each seed draws its own weights, augmentations and 20% held-out split (so the std also "
         "covers the split). Teacher PFLOPs: the teacher's forward passes of the whole run, the "
@@ -417,6 +422,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/learning[_quick]")
     parser.add_argument("--results", type=Path, default=None, help="Markdown file to write")
     parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1,
+        help="runs trained at once, each in its own process (default: one per core)",
+    )  # fmt: skip
+    parser.add_argument(
         "--calibrate", action="store_true",
         help="measure the gaps that chose the default masking.tolerance (seed 100)",
     )  # fmt: skip
@@ -436,25 +445,36 @@ def main() -> None:
         return
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
-
-    def run(row: Row, seed: int) -> None:
-        record = run_one(row, seed, mode, workdir, args.reuse)
-        records.append(record)
-        scores = ", ".join(f"{key} {record[key]:.1f}" for key in NUMBERS[row.group])
-        print(
-            f"seed {seed} {row.name}: {scores}, teacher {record['teacher_pflops']:.5f} PFLOPs, "
-            f"{record['wall_s']:.0f} s ({(time.perf_counter() - start) / 60:.1f} min so far)",
-            flush=True,
-        )
-
-    run(MAE_TEACHER, 0)
-    for seed in seeds:
-        run(KD_TEACHER, seed)
-        for row in ROWS:
-            run(row, seed)
+    # Teachers first (the students need them), then every row of every seed, longest first.
+    teachers = [(MAE_TEACHER, 0), *((KD_TEACHER, seed) for seed in seeds)]
+    order = {"dino": 0, "kd": 1, "mae": 2}
+    rows = sorted(((row, seed) for seed in seeds for row in ROWS),
+                  key=lambda task: (order[task[0].group], not task[0].train))  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=torch.set_num_threads, initargs=(threads,),
+    ) as pool:  # fmt: skip
+        for phase in (teachers, rows):
+            futures = {pool.submit(run_one, row, seed, mode, workdir, args.reuse): (row, seed)
+                       for row, seed in phase}  # fmt: skip
+            for future in as_completed(futures):
+                (row, seed), record = futures[future], future.result()
+                records.append(record)
+                scores = ", ".join(f"{key} {record[key]:.1f}" for key in NUMBERS[row.group])
+                print(
+                    f"seed {seed} {row.name}: {scores}, teacher {record['teacher_pflops']:.5f} "
+                    f"PFLOPs, {record['wall_s']:.0f} s "
+                    f"({(time.perf_counter() - start) / 60:.1f} min so far)",
+                    flush=True,
+                )
+    names = [row.name for row in (MAE_TEACHER, KD_TEACHER, *ROWS)]
+    records.sort(key=lambda r: (r["seed"], names.index(r["row"])))
     wall_s = time.perf_counter() - start
     results.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(records, command, mode, wall_s)
+    text = markdown(
+        records, command, mode, wall_s, f"{args.jobs} processes × {threads} torch threads"
+    )
     write_section(results, "learning", text)
     (results.parent / "learning.json").write_text(json.dumps(records, indent=2) + "\n")
     print(text)
