@@ -99,9 +99,10 @@ class KD(Supervised):
     config_class = KDConfig
     default_keep_ratio = 1.0  # plain logit distillation; MaskedKD below 1
     # KL in nats between the full and the masked teacher's soft labels at τ: the mean gap at
-    # keep 0.5 (top-k) over the second half of the calibration run (learning.py --calibrate,
-    # eval/bench/RESULTS.md), 0.0103; 0.078 at keep 0.25. ViTKD and ScaleKD measure the same.
-    default_tolerance = 0.01
+    # keep 0.5 (top-k) over the second half of the calibration runs (learning.py --calibrate,
+    # eval/bench/RESULTS.md), the median over three seeds' teachers: 0.0103, 0.0855, 0.0312.
+    # ViTKD and ScaleKD measure the same.
+    default_tolerance = 0.03
     default_strategy = "attention_topk"
 
     cfg: KDConfig
