@@ -188,7 +188,7 @@ def test_ctrl_c_to_the_process_group_is_one_line_exit_130(tmp_path):
     run = tmp_path / "run"
     extra = {"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
              "data.transform": "lightly", "data.num_workers": 2, "train.batch_size": 4,
-             "train.epochs": 1000, "train.max_steps": 10_000, "train.log_every_steps": 1,
+             "train.max_steps": 10_000, "train.log_every_steps": 1,
              "train.checkpoint_every_steps": 2}  # fmt: skip
     process = start_cli("train", str(config), *tiny_overrides(run, **extra),
                         env={"OMP_NUM_THREADS": "2"}, new_session=True)  # fmt: skip
