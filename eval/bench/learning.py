@@ -19,12 +19,11 @@ For each seed (the seed of the weights, the augmentations and the held-out split
   patches and stops at the aligned block) on the plain digits, configs/demo_dmae.yaml, scored
   like DINO (MAE's linear protocol); the MAE teacher is pretrained once (seed 0) and shared.
 
-Writes its section of `--results` (default eval/bench/RESULTS.md; with `--quick`, the work dir):
-mean ± sample std over seeds, the exact command and machine, whether the strategies are apart
-beyond one standard deviation at keep 0.25, the adaptive runs against the fixed ratios; every
-run's numbers go to `learning.json` beside it. `--quick`: one seed, one or two epochs per run, a
-smoke run whose numbers say little. `--reuse`: finished runs of the same config are read from
-the work dir, not trained again.
+Writes its section of `--results` (default eval/bench/RESULTS.md; `--quick`: the work dir): mean
+± sample std over seeds, the command and machine, the verdicts (strategies apart beyond one std at
+keep 0.25; adaptive against the fixed ratios); every run's numbers go to `learning.json` beside
+it. `--quick`: one seed, 1-2 epochs a run (a smoke run). `--reuse`: finished runs of the same
+config are read back. `--calibrate`: eval/bench/calibration.py.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import json
 import multiprocessing
 import os
 import shlex
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -47,17 +45,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import aggregate, beyond_one_std, fmt, machine, train_run, write_section
-from report import mean_std as report_mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "eval" / "bench" / "RESULTS.md"
 
-# DINO reads the 64-px cluttered canvases at 32 px with 8-px patches: 16 patches, the digit
-# (8-12 px) touching about 4 of them. At 64 px a DINO run costs ~4× as much, and 3 seeds of every
-# row would not fit in 45 minutes on 2 cores. Batch 64 with 2 local views: on these images DINO
-# gains more per second from more, smaller steps (k-NN 26.7 vs 23.3 after 20 epochs at batch
-# 128 with 4 views, seed 0). KD reads them at 48 px (36 patches, the digit touching 4-9): at
-# 32 px the teacher reached 47% top-1 and its students stayed near chance (22%) in 20 epochs.
+# DINO at 32 px (16 patches; the digit touches ~4): at 64 px a run costs ~4× and 3 seeds would not
+# fit 45 min on 2 cores. Batch 64, 2 local views: more, smaller steps learn more per second here
+# (k-NN 26.7 vs 23.3 after 20 epochs at batch 128, 4 views). KD at 48 px (36 patches): at 32 px
+# the teacher reached 47% and its students stayed near chance (22%) in 20 epochs.
 DINO_BASE = ["data.name=cluttered_digits", "model.img_size=32", "data.global_crop_size=32",
              "model.kwargs.patch_size=8", "data.local_crop_size=16", "data.num_local_views=2",
              "train.batch_size=64"]  # fmt: skip
@@ -71,10 +66,8 @@ SCHEDULES = {
             "quick": ["train.epochs=2", "optim.warmup_epochs=1"]},
     "mae_teacher": {"full": ["train.epochs=30"], "quick": ["train.epochs=2"]},
 }  # fmt: skip
-# Base learning rates (per 256 images) of the linear probe. The ImageNet defaults (SGD 1e-3,
-# LARS 0.1) underfit in the ~600 steps of 100 epochs on 1,437 digits; these were chosen once
-# from {1e-3, 0.03, 0.3, 3} and {0.1, 1, 10, 30, 100} on one pilot run per protocol (seed 0's
-# held-out split: a DINO keep-0.5 run and the MAE teacher) and are fixed for every row.
+# Linear-probe base lrs (per 256 images): the ImageNet defaults underfit ~600 steps on 1,437 digits;
+# picked once from {1e-3 .. 3} (SGD) and {0.1 .. 100} (LARS) on one pilot run each, fixed since.
 PROBE_LR = {"dino": 0.3, "mae": 100.0}
 NO_TRAINER_EVAL = ["eval.knn_at_end=false", "eval.knn_random_init=false", "eval.knn_every_epochs=0"]
 STRATEGIES = ("attention_topk", "random", "attention_bottomk")
@@ -125,98 +118,6 @@ ROWS = [
     Row("MAE alone", "mae", "demo_dmae.yaml", ("method=mae",)),
     Row("DMAE ← MAE teacher", "mae", "demo_dmae.yaml"),
 ]
-
-
-# --calibrate: how the methods' default masking.tolerance (`default_tolerance`) was chosen. On a
-# seed outside the study's, DINO and KD run at a fixed keep ratio of 0.5 and 0.25 (top-k) while
-# the adaptive keep ratio's probe measures the gap every hundredth of the run without moving the
-# ratio (its bounds pinned at the fixed ratio, its tolerance out of reach). The default is the
-# mean gap over the second half of the keep-0.5 run, to one significant digit: the controller
-# then lowers the ratio below MaskedKD's rule-of-thumb 50% only while masking moves the
-# targets less than that ratio does once the student has found the digit, and raises it
-# above 50% where and while it moves them more.
-# Seeds outside the study's. KD's teachers differ in how much dropping patches moves their soft
-# labels, by an order of magnitude from seed to seed (the first calibration, on seed 100 alone,
-# gave 0.0103 at keep 0.5, where the study's seed-0 teacher gives 0.09-0.25 on whole batches), so
-# KD's default is the median over three seeds (three teachers); DINO's and DMAE's teachers (an
-# EMA of the student, a shared MAE) did not need more than one.
-CALIBRATION_SEEDS = {"dino": (100,), "kd": (100, 101, 102), "mae": (100,)}
-CALIBRATION_KEEPS = (0.5, 0.25)
-
-
-def calibration_rows() -> list[Row]:
-    rows = []
-    for label, group, config, base in (("DINO", "dino", "demo.yaml", DINO_BASE),
-                                       ("KD", "kd", "demo_kd.yaml", KD_BASE),
-                                       ("DMAE", "mae", "demo_dmae.yaml", [])):  # fmt: skip
-        key = "dmae.teacher_keep_ratio" if group == "mae" else "masking.keep_ratio"
-        for keep in CALIBRATION_KEEPS:
-            pinned = (f"{key}={keep}", f"masking.adaptive_min={keep}", "masking.adaptive=true",
-                      "masking.tolerance=1e9")  # fmt: skip
-            name = f"calibration {label} {'teacher ' if group == 'mae' else ''}keep {keep}"
-            rows.append(Row(name, group, config, (*base, *pinned), keep=keep))
-    return rows
-
-
-def late_gaps(run: Path) -> list[float]:
-    """The probes' gaps over the second half of a calibration run, from its metrics.jsonl logged
-    every step (each line holds the latest probe's gap: a new value is a new probe)."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    probes, last = [], None
-    for line in lines:
-        gap = line.get("masking/gap")
-        if gap is not None and gap != last:
-            probes.append((line["step"], gap))
-            last = gap
-    end = max(step for step, _ in probes)
-    return [gap for step, gap in probes if step > end / 2]
-
-
-def calibrate(mode: str, workdir: Path, results: Path, command: str, reuse: bool) -> None:
-    from ssl_kd.run_config import load_config
-
-    start = time.perf_counter()
-    for seed in CALIBRATION_SEEDS["kd"]:
-        run_one(KD_TEACHER, seed, mode, workdir, reuse)
-    run_one(MAE_TEACHER, 0, mode, workdir, reuse)  # DMAE's, shared with the study
-    seeds = ", ".join(f"{group} {' '.join(map(str, s))}" for group, s in CALIBRATION_SEEDS.items())
-    out = [
-        "# Calibration of the adaptive keep ratio's default tolerance",
-        "",
-        f"Produced by `{command}` ({mode} mode) on {datetime.date.today().isoformat()} on: "
-        f"{machine()}. Seeds ({seeds}) are not the study's. The study's DINO, KD and DMAE runs "
-        "at a fixed keep ratio (top-k; DMAE: the teacher's share of the visible patches); the "
-        "probe (the full teacher on 1/8 of the batch) measures the gap every hundredth of the "
-        "run without moving the ratio. Default tolerance: the mean gap over the second half at "
-        "keep 0.5 (the median over seeds), to one significant digit.",
-        "",
-        "| run | seed | probes (2nd half) | gap, mean ± std over those probes | gap, whole run "
-        "| top-1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    at_half: dict[str, list[float]] = {}
-    for row in calibration_rows():
-        for seed in CALIBRATION_SEEDS[row.group]:
-            overrides = [*overrides_of(row, seed, mode, workdir), "train.log_every_steps=1"]
-            cfg = load_config(REPO / "configs" / row.config, overrides)
-            summary = train_run(cfg, quiet=True, reuse=reuse)
-            gaps = late_gaps(Path(cfg.output_dir))
-            mean, std = report_mean_std(gaps)
-            whole = summary["keep_ratio_adaptive"]["gap_mean"]
-            top1 = f"{summary['val_top1']:.1f}" if "val_top1" in summary else ""
-            out.append(f"| {row.name} | {seed} | {len(gaps)} | {mean:.4f} ± {std:.4f} | "
-                       f"{whole:.4f} | {top1} |")  # fmt: skip
-            if row.keep == 0.5:
-                at_half.setdefault({"mae": "dmae"}.get(row.group, row.group), []).append(mean)
-            print(out[-1], flush=True)
-    chosen = {group: float(f"{statistics.median(means):.1g}") for group, means in at_half.items()}
-    out += ["", "Chosen defaults (`default_tolerance` of each method): " + ", ".join(
-        f"{group} {value:g}" for group, value in chosen.items()
-    ) + (". Finished runs read back (--reuse)." if reuse else
-         f". {(time.perf_counter() - start) / 60:.1f} min.")]  # fmt: skip
-    text = "\n".join(out) + "\n"
-    write_section(results, "calibration", text)
-    print(text)
 
 
 def run_dir(workdir: Path, row: Row, seed: int) -> Path:
@@ -453,6 +354,8 @@ def main() -> None:
     command = shlex.join(["python", "eval/bench/learning.py", *sys.argv[1:]])
 
     if args.calibrate:
+        from calibration import calibrate  # it imports this module's rows and runs
+
         calibrate(mode, workdir, results, command, args.reuse)
         return
     start = time.perf_counter()

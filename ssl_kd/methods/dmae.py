@@ -112,10 +112,7 @@ class DMAE(Method):
     config_class = DmaeConfig
     views = Views.SINGLE_CROP  # MAE: one random resized crop, no multi-crop
     default_keep_ratio = 0.25  # MAE's 75% masking
-    # masking.adaptive: the alignment loss between the teacher's features on its kept tokens and
-    # on all visible patches: the mean gap at dmae.teacher_keep_ratio 0.5 over the second half of
-    # the calibration run (learning.py --calibrate, eval/bench/RESULTS.md), 0.039; 0.045 at 0.25.
-    default_tolerance = 0.04
+    default_tolerance = 0.04  # masking.adaptive: the gap at teacher keep 0.5 (calibration.py)
     default_strategy = "random"
     # The frozen teacher is not in the state dict: the encoder is what a run exports.
     backbones: ClassVar[dict[str, str]] = {"student": "student.encoder"}
