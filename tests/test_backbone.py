@@ -143,3 +143,36 @@ def test_register_tokens_stay_with_every_kept_patch_and_out_of_the_cls_attention
     assert torch.allclose(out.cls_attention, captured[0][:, :, 0, 5:], atol=1e-5)
     everything = backbone(x)  # all patches: timm's own forward
     assert torch.equal(everything.cls, vit.forward_head(vit.forward_features(x), pre_logits=True))
+
+
+@pytest.mark.slow  # compiling takes ~30-60 s on one core
+def test_compiled_blocks_give_the_eager_forward_in_one_graph_for_every_keep_ratio(monkeypatch):
+    """Every kept-token count an adaptive keep ratio reaches (1.0 down to 0.2), two batch
+    sizes, drop path on: the tokens eager gives, from one graph (train mode), and one more for
+    eval mode."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's drop path
+    eager = tiny_backbone(drop_path_rate=0.1).train()
+    compiled = tiny_backbone(drop_path_rate=0.1).train()
+    compiled.compiled = True
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for keep in range(64, 12, -3):  # 64 patches
+        for batch in (4, 2):
+            keep_idx = torch.randperm(64, generator=torch.Generator().manual_seed(keep))[:keep]
+            keep_idx = keep_idx.sort().values.expand(batch, -1)
+            torch.manual_seed(keep)
+            expected = eager(x[:batch], keep_idx).tokens
+            torch.manual_seed(keep)
+            got = compiled(x[:batch], keep_idx).tokens
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad():
+        got = compiled.eval()(x, cls_attention=True)
+        expected = eager.eval()(x, cls_attention=True)
+    torch.testing.assert_close(got.tokens, expected.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.cls_attention, expected.cls_attention, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert list(compiled.state_dict()) == list(eager.state_dict())

@@ -110,3 +110,71 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="does not fit this configuration"):
         Trainer(wider).resume()
+
+
+def test_a_log_step_logs_the_values_that_step_would_read_at_once(tmp_path):
+    """Metrics stay on the device between log steps; metrics.jsonl holds, at each log step,
+    the values a per-step read of that step gives."""
+    overrides = {"train.max_steps": 4, "train.log_every_steps": 2}
+    train(tiny_config(tmp_path / "logged", **overrides))
+    twin = Trainer(tiny_config(tmp_path / "twin", **overrides))
+    twin.method.train()
+    batches = twin.stream.epoch(0)
+    read = {}
+    for _ in range(4):
+        metrics = twin.train_step(next(batches))
+        read[twin.step] = {key: float(value) for key, value in metrics.items()}
+    jsonl = (tmp_path / "logged" / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in jsonl.splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
+        expected = read[line["step"]]
+        assert line["train/loss"] == pytest.approx(expected["loss"], abs=1e-6)
+        for key in ("dino_loss", "teacher_entropy", "teacher_batch_entropy", "grad_norm"):
+            assert line[f"method/{key}"] == pytest.approx(expected[key], rel=1e-6, abs=1e-6)
+
+
+def test_a_step_waits_for_the_device_once(tmp_path, monkeypatch):
+    """Between log steps, the host reads one value per step: the loss, for the non-finite
+    guard. Counted at the Python reads of a tensor (item, float, int, bool, tolist), except
+    the reads of the precomputed schedules (host arrays, read as views of them)."""
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.method.train()
+    batches = trainer.stream.epoch(0)
+    trainer.train_step(next(batches))
+    reads = []
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            if self._base is None:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    metrics = trainer.train_step(next(batches))
+    monkeypatch.undo()
+    assert reads == ["__float__"]
+    assert isinstance(metrics["dino_loss"], torch.Tensor)
+
+
+@pytest.mark.slow  # compiling the forward and backward takes ~1-2 min on one core
+def test_the_compiled_step_gives_the_eager_loss(tmp_path, monkeypatch):
+    """train.compile=true: the same losses and weights as eager, step after step, on the same
+    views (keep 0.5: the student's global views yield the [CLS] attention, the teacher runs
+    masked), with inductor drawing drop path from eager's generator."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    eager = Trainer(tiny_config(tmp_path / "eager"))
+    compiled = Trainer(tiny_config(tmp_path / "compiled", **{"train.compile": True}))
+    assert compiled.method.student.backbone.compiled and compiled.method.teacher.backbone.compiled
+    batches = eager.stream.epoch(0)
+    for trainer in (eager, compiled):
+        trainer.method.train()
+    for _ in range(3):
+        views = next(batches)
+        expected = eager.train_step(views)
+        got = compiled.train_step(views)
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-5)
+        assert float(got["grad_norm"]) == pytest.approx(float(expected["grad_norm"]), rel=1e-3)
+    for a, b in zip(eager.method.parameters(), compiled.method.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)

@@ -161,7 +161,7 @@ class SslKdStep:
         totals = self.trainer.totals
         before = dict(totals)
         metrics = self.trainer.train_step(views)
-        self.last_loss = metrics["dino_loss"]
+        self.last_loss = float(metrics["dino_loss"])
         self.teacher_macs = totals["teacher_macs"] - before["teacher_macs"]
         self.teacher_macs_unmasked = (
             totals["teacher_macs_unmasked"] - before["teacher_macs_unmasked"]

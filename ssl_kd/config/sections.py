@@ -15,6 +15,7 @@ BUNDLED_DATASETS = ("digits", "cluttered_digits")
 DATASETS = (*BUNDLED_DATASETS, "imagefolder")
 TRANSFORMS = ("lightly", "batched")
 OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -216,9 +217,13 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
+    # How the update runs (engine/optimizer.py): auto (fused where torch has the kernel for the
+    # device), loop, foreach or fused; the same update up to float rounding.
+    implementation: str = "auto"
 
     def check(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.implementation", self.implementation, OPTIMIZER_IMPLEMENTATIONS)
         check_positive({"optim.lr": self.lr})
         check_not_negative(
             {
@@ -245,6 +250,8 @@ class TrainConfig:
     batch_size: int = 64  # per process (per GPU)
     seed: int = 0
     amp: bool = True  # bf16 autocast, used on CUDA only
+    # torch.compile of the backbones' blocks (models/backbone.py says how recompiles stay few).
+    compile: bool = False
     device: str = "auto"  # auto, cpu or cuda
     checkpoint_every_steps: int = 500
     log_every_steps: int = 10

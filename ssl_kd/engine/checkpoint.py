@@ -29,6 +29,7 @@ from ssl_kd.files import write_atomic
 from ssl_kd.safe_load import describe_load_error, load_weights_only
 
 CHECKPOINT_NAME = "checkpoint.pth"
+IMPLEMENTATION_KEYS = ("foreach", "fused")  # torch optimizer flags a resume keeps as built
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
 COPY_CHUNK = 16 << 20
@@ -263,6 +264,9 @@ def load_optimizer_state(
     Raises:
         UserError: (strict) it does not fit; without strict, a warning and a fresh optimizer.
     """
+    # How the update runs is this run's choice (optim.implementation), not the checkpoint's.
+    groups = optimizer.param_groups
+    flags = [{key: group.get(key) for key in IMPLEMENTATION_KEYS} for group in groups]
     try:
         optimizer.load_state_dict(state)
     except ValueError as err:  # torch: "... doesn't match the size of optimizer's group"
@@ -272,3 +276,11 @@ def load_optimizer_state(
                 f"{problem}; pass --strict false to resume the weights with a fresh optimizer"
             ) from None
         print(f"warning (--strict false): {problem}; the optimizer starts afresh", file=sys.stderr)
+        return
+    for group, kept in zip(optimizer.param_groups, flags, strict=True):
+        group.update(kept)
+        if group.get("fused"):  # the fused kernel reads the step count on the parameter's device
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if step is not None:
+                    optimizer.state[param]["step"] = step.to(param.device, torch.float32)

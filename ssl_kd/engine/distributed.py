@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_kd.devices import resolve_device
@@ -155,24 +156,30 @@ def cleanup() -> None:
 
 
 def reduce_metrics(
-    means: dict[str, float], sums: dict[str, float], ctx: DistContext
-) -> tuple[dict[str, float], dict[str, float]]:
+    means: Mapping[str, float | Tensor], sums: Mapping[str, float], ctx: DistContext
+) -> tuple[dict[str, float | Tensor], dict[str, float]]:
     """Every rank's metrics combined into the global batch's, in one all-reduce.
 
     `means` are per-batch means (averaged over ranks: the global mean for equal shards);
     `sums` count things in this rank's share (images, teacher multiply-adds): summed.
+    Means given as tensors come back as 0-d tensors on the device, unread (a log step reads
+    them); the host's floats come back as floats, in the one read of the device this makes.
     """
     if not ctx.distributed:
-        return means, sums
-    names = sorted(means) + sorted(sums)
-    values = torch.tensor(
-        [float(means[n]) for n in sorted(means)] + [float(sums[n]) for n in sorted(sums)],
-        dtype=torch.float64,
-    )
-    values = values.to(ctx.device) if ctx.device.type == "cuda" else values
+        return dict(means), dict(sums)
+    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    tensors = {n: v for n, v in sorted(means.items()) if isinstance(v, Tensor)}
+    floats = {n: float(v) for n, v in sorted(means.items()) if not isinstance(v, Tensor)}
+    host_names = [*floats, *sorted(sums)]
+    host = torch.tensor([*floats.values(), *(sums[n] for n in sorted(sums))], dtype=torch.float64)
+    if device.type == "cuda":  # copied while the device still works on the step
+        host = host.pin_memory().to(device, non_blocking=True)
+    stacked = [t.detach().to(device, torch.float64) for t in tensors.values()]
+    values = torch.cat([torch.stack(stacked), host]) if stacked else host
     dist.all_reduce(values)
-    reduced = dict(zip(names, values.cpu().tolist(), strict=True))
-    return (
-        {name: reduced[name] / ctx.world_size for name in means},
-        {name: reduced[name] for name in sums},
-    )
+    read = dict(zip(host_names, values[len(tensors) :].tolist(), strict=True))
+    reduced: dict[str, float | Tensor] = {
+        name: values[i] / ctx.world_size for i, name in enumerate(tensors)
+    }
+    reduced.update({name: read[name] / ctx.world_size for name in floats})
+    return reduced, {name: read[name] for name in sums}

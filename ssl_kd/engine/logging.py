@@ -10,9 +10,12 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ssl_kd.adaptive import KeepRatioController
@@ -104,6 +107,18 @@ class RunLogger:
 
 
 TRAIN_TAGS = ("loss", "lr", "weight_decay", "images_per_s")
+
+
+def host_values(metrics: Mapping[str, float | Tensor]) -> dict[str, float]:
+    """A step's metrics as floats, the device's 0-d tensors read in one transfer: a step leaves
+    its metrics on the device, and only a log step reads them (the values of that step)."""
+    tensors = {name: value for name, value in metrics.items() if isinstance(value, Tensor)}
+    read: dict[str, float] = {}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([t.detach().to(device, torch.float64) for t in tensors.values()])
+        read = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {name: read[name] if name in read else float(value) for name, value in metrics.items()}
 
 
 def step_scalars(

@@ -38,7 +38,8 @@ from ssl_kd.run_config import config_from_dict
 RESUMABLE_CHANGES = (
     "output_dir", "train.max_steps", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.device", "train.debug_nan_at_steps", "data.num_workers",
-    "data.on_error", "data.path", "data.max_bad_fraction", "eval.",
+    "data.on_error", "data.path", "data.max_bad_fraction", "eval.", "optim.implementation",
+    "train.compile",
 )  # fmt: skip
 # Optimisation keys a resumed run may retune, each change logged: what a divergence calls for
 # (engine/faults.py says so). The lr and weight-decay schedules are recomputed from the new

@@ -35,7 +35,14 @@ from ssl_kd.engine.checkpoint import (
 from ssl_kd.engine.evaluate import Evaluator
 from ssl_kd.engine.faults import NonFiniteGuard
 from ssl_kd.engine.lock import RunLock
-from ssl_kd.engine.logging import RunLogger, adaptive_summary, progress_fields, step_scalars
+from ssl_kd.engine.logging import (
+    RunLogger,
+    adaptive_summary,
+    host_values,
+    progress_fields,
+    step_scalars,
+)
+from ssl_kd.engine.optimizer import build_optimizer
 from ssl_kd.engine.rundir import check_data_order, prepare_output_dir
 from ssl_kd.engine.stop import StopRequest
 from ssl_kd.errors import Terminated, UserError
@@ -76,9 +83,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.ctx.device
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
-        torch.manual_seed(
-            seed_for(cfg.train.seed, "init")
-        )  # the same initial weights on every rank
+        torch.manual_seed(seed_for(cfg.train.seed, "init"))  # the same weights on every rank
 
         self.method_class = registry.method_class(cfg.method)
         self.stream = build_train_stream(
@@ -90,7 +95,7 @@ class Trainer:
             distributed.sync_batch_norms(self.method, self.ctx)  # CUDA only (torch's limit)
             self.method.wrap_trainable(lambda module: distributed.wrap_ddp(module, self.ctx))
         self.evaluator = Evaluator(cfg, self.method, self.device, self.rank)
-        self.optimizer = self._optimizer()
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, self.device)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
@@ -109,12 +114,6 @@ class Trainer:
         self.resumed_from = self.checkpoint_path  # or the numbered copy --strict false took
         self.stop = stop or StopRequest()  # SIGTERM's flag (set only inside `with stop`)
         self.stopping = False  # a rank saw SIGTERM: every rank stops after this step
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        groups = self.method.param_groups()
-        if self.cfg.optim.name == "sgd":
-            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(self.cfg.optim.betas))  # type: ignore[arg-type]
 
     def _schedules(self) -> dict[str, torch.Tensor]:
         """The optimizer's per-iteration lr and weight decay (the method keeps its own)."""
@@ -194,8 +193,10 @@ class Trainer:
         return True
 
     # --- the loop -------------------------------------------------------------------------
-    def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
-        """One optimisation step; returns what to log (the global batch's values)."""
+    def train_step(self, views: list[torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        """One optimisation step; returns what to log (the global batch's values). The method's
+        metrics stay 0-d tensors on the device until a log step reads them (`host_values`):
+        the loss is the one value the host waits for every step (the non-finite guard)."""
         epoch = self.step // self.steps_per_epoch
         values = {name: float(array[self.step]) for name, array in self.schedules.items()}
         generator = seed_step(self.cfg.train.seed, self.step, self.rank)
@@ -214,7 +215,7 @@ class Trainer:
             out: StepOutput = self.method(views, state)
         # The global batch's metrics, before backward: a NaN on any rank is seen by every rank
         # here (all stop or all skip) rather than leaving the others waiting in DDP's all-reduce.
-        means = {"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}
+        means = {"loss": out.loss.detach(), **out.metrics}
         if out.keep_ratio_gap is not None:  # a probe step, the same step on every rank
             means["keep_ratio_gap"] = out.keep_ratio_gap
         counts = {"images": float(out.images or views[0].shape[0]),
@@ -224,6 +225,7 @@ class Trainer:
         # Read with the step's metrics, so that every rank stops after the same step.
         counts["stop_requested"] = float(self.stop.requested)
         means, counts = distributed.reduce_metrics(means, counts, self.ctx)
+        loss = float(means["loss"])  # the step's one wait for the device
         self.stopping = counts.pop("stop_requested") > 0
         for key in self.totals:
             self.totals[key] += counts[key]
@@ -232,10 +234,10 @@ class Trainer:
         if self.method.adaptive is not None:
             # The gap averaged over the ranks: every rank moves its ratio identically, so the
             # masked teachers of the next step agree.
-            self.method.adaptive.update(gap, epoch)
-        logged = {**values, **means, "teacher_gflops_per_image":
+            self.method.adaptive.update(None if gap is None else float(gap), epoch)
+        logged = {**values, **means, "loss": loss, "teacher_gflops_per_image":
                   2 * counts["teacher_macs"] / max(counts["images"], 1.0) / 1e9}  # fmt: skip
-        if self.guard.should_skip(means["loss"], means, self.step, epoch, self.method, buffers):
+        if self.guard.should_skip(loss, means, self.step, epoch, self.method, buffers):
             self.step += 1
             return {**logged, "skipped_steps": len(self.guard.skipped_steps)}
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,7 +289,7 @@ class Trainer:
                     images = self.images_seen - window_images
                     metrics["images_per_s"] = images / max(now - window_time, 1e-9)
                     window_time, window_images = now, self.images_seen
-                    self._log(logger, metrics, start_step)
+                    self._log(logger, host_values(metrics), start_step)
                 if self.step % cfg.train.checkpoint_every_steps == 0 or self.stopping:
                     self.save()
                 if self.stopping:

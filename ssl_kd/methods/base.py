@@ -206,7 +206,7 @@ class Method(nn.Module):
             teacher.eval()  # a teacher never drops paths or tokens
         return self
 
-    def before_optimizer_step(self, state: StepState) -> dict[str, float]:
+    def before_optimizer_step(self, state: StepState) -> dict[str, float | Tensor]:
         """Gradient hooks (clipping, frozen layers); returns metrics such as the grad norm."""
         return {}
 
@@ -350,19 +350,18 @@ def param_groups_without_wd_on_1d(module: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def clip_gradients_per_parameter(parameters: Sequence[Tensor], clip: float) -> float:
+def clip_gradients_per_parameter(parameters: Sequence[Tensor], clip: float) -> Tensor:
     """DINO's clipping: each parameter's gradient norm is clipped to `clip` on its own.
 
     Returns:
-        The total gradient norm before clipping (for logging).
+        The total gradient norm before clipping (for logging), a 0-d tensor on the device.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    total = torch.linalg.vector_norm(torch.stack(norms))
     if clip > 0:
-        for grad, norm in zip(grads, norms, strict=True):
-            coef = clip / (norm + 1e-6)
-            grad.mul_(coef.clamp(max=1.0))
+        coefs = [(clip / (norm + 1e-6)).clamp(max=1.0) for norm in norms]
+        torch._foreach_mul_(grads, coefs)
     return total

@@ -256,7 +256,11 @@ class DINO(Method):
         )
 
         # Only the 2 global views pass through the teacher, each reduced to the patches the
-        # student attends to most on that same view.
+        # student attends to most on that same view. On CPU one view per forward: a ViT-S MLP
+        # activation of both views at batch 16 (38.7 MB) is over glibc's 32 MB mmap ceiling, so
+        # the batched forward page-faulted fresh memory in every block (7× the minor faults,
+        # 10% slower than two forwards; eval/bench/dino_step.py).
+        per_forward = batch if global_views.device.type == "cpu" else None
         with torch.no_grad():
             keep_idx = None
             if masked:
@@ -272,7 +276,9 @@ class DINO(Method):
                     device=global_views.device,
                     shard=state.shard,
                 )
-            teacher_logits, _, _ = self.teacher(global_views, keep_idx=keep_idx)
+            teacher_logits, _, _ = self.teacher(
+                global_views, keep_idx=keep_idx, images_per_forward=per_forward
+            )
 
         # The loss moves the center after using it: the statistics use the center it used.
         center = self.loss_fn.center.detach().clone()
@@ -282,12 +288,12 @@ class DINO(Method):
             teacher_temp=teacher_temp,
         )
         metrics = self._teacher_stats(teacher_logits.detach().float(), teacher_temp, center)
-        metrics["dino_loss"] = loss.item()  # each term is named when the total is not finite
+        metrics["dino_loss"] = loss.detach()  # each term is named when the total is not finite
         if self.cfg.koleo_weight > 0:
             # DINOv2: one KoLeo term per global crop, over that crop's batch.
             koleo = sum(self.koleo(view) for view in student_cls.float().chunk(2))
             loss = loss + self.cfg.koleo_weight * koleo
-            metrics["koleo_loss"] = koleo.item()
+            metrics["koleo_loss"] = koleo.detach()
         metrics.update(
             teacher_tokens_kept=keep + self.teacher.backbone.num_prefix_tokens,
             keep_ratio=keep_ratio,
@@ -332,7 +338,7 @@ class DINO(Method):
     @torch.no_grad()
     def _teacher_stats(
         self, teacher_logits: Tensor, temp: float, center: Tensor | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | Tensor]:
         """Collapse signals: per-sample entropy → ln K means uniform collapse; entropy of the
         batch-mean distribution → 0 means every image lands in one dimension.
 
@@ -346,8 +352,8 @@ class DINO(Method):
         mean_probs = probs.mean(0)
         batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
         return {
-            "teacher_entropy": entropy.item(),
-            "teacher_batch_entropy": batch_entropy.item(),
+            "teacher_entropy": entropy,
+            "teacher_batch_entropy": batch_entropy,
             "log_out_dim": math.log(self.cfg.out_dim),
         }
 
@@ -357,7 +363,7 @@ class DINO(Method):
             self._macs_cache[keep] = forward_macs(self.teacher, self.global_crop_size, keep)
         return self._macs_cache[keep]
 
-    def before_optimizer_step(self, state: StepState) -> dict[str, float]:
+    def before_optimizer_step(self, state: StepState) -> dict[str, float | Tensor]:
         params = [p for p in self.student.parameters() if p.requires_grad]
         grad_norm = clip_gradients_per_parameter(params, self.cfg.clip_grad)
         # DINO drops the last layer's gradients during the first epoch(s).

@@ -267,7 +267,8 @@ class DMAE(Method):
         target = patchify(images, self.student.encoder.patch_size)
         target = target.gather(1, mask_idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         recon = mae_pixel_loss(pred.float(), target.float(), self.cfg.norm_pix_loss)
-        metrics: dict[str, float | Tensor] = {"recon_loss": recon.item(), "keep_ratio": keep_ratio}
+        metrics: dict[str, float | Tensor] = {"recon_loss": recon.detach()}
+        metrics["keep_ratio"] = keep_ratio
         if not distilling:
             return StepOutput(recon, metrics, images=batch, keep_ratio=keep_ratio)
         assert self.teacher is not None  # distilling
@@ -296,7 +297,7 @@ class DMAE(Method):
             distill = distill + feature_alignment_loss(
                 projection(student_tokens).float(), teacher_out.block_outputs[t_block].float()
             )
-        metrics.update(distill_loss=distill.item(), teacher_tokens_kept=teacher_keep + prefix,
+        metrics.update(distill_loss=distill.detach(), teacher_tokens_kept=teacher_keep + prefix,
                        teacher_keep_ratio=teacher_ratio)  # fmt: skip
         gap, probe_macs = None, 0.0
         if self.adaptive is not None and self.adaptive.probe_due(state.step):

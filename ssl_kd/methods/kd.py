@@ -242,13 +242,12 @@ class KD(Supervised):
         features, metrics = self.feature_loss(student, teacher, keep_idx, state)
         loss = loss + features
         metrics |= {
-            "ce_loss": base.item(),
-            "distill_loss": distill.item(),
+            "ce_loss": base.detach(),
+            "distill_loss": distill.detach(),
             "keep_ratio": keep_ratio,
             "teacher_agreement": (student_logits.argmax(1) == teacher_logits.argmax(1))
             .float()
-            .mean()
-            .item(),
+            .mean(),
         }
         if self.teacher.is_vit:
             metrics["teacher_tokens_kept"] = keep + self.teacher.vit.num_prefix_tokens

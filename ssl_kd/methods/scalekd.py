@@ -237,7 +237,7 @@ class ScaleKD(FeatureKD):
         loss = loss + self.cfg.frequency_weight * (
             terms["frequency_loss"] + terms["tpp_frequency_loss"]
         )
-        return loss, {name: term.item() for name, term in terms.items()}
+        return loss, {name: term.detach() for name, term in terms.items()}
 
 
 def check_student_map(cfg: Config) -> None:

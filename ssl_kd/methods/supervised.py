@@ -222,7 +222,7 @@ class Supervised(Method):
         targets, images = self.targets(images, labels, state)
         logits = self.student_call(images).logits
         loss = self.classification_loss(logits.float(), labels, targets)
-        return StepOutput(loss, {"ce_loss": loss.item()}, images=len(images))
+        return StepOutput(loss, {"ce_loss": loss.detach()}, images=len(images))
 
     def targets(
         self, images: Tensor, labels: Tensor, state: StepState
@@ -244,10 +244,10 @@ class Supervised(Method):
     def param_groups(self) -> list[dict[str, Any]]:
         return no_weight_decay(self.student)
 
-    def before_optimizer_step(self, state: StepState) -> dict[str, float]:
+    def before_optimizer_step(self, state: StepState) -> dict[str, float | Tensor]:
         clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
-        return {"grad_norm": float(norm)}
+        return {"grad_norm": norm}
 
     def classifier(self) -> Classifier:
         return self.student

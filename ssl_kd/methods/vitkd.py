@@ -181,7 +181,7 @@ class ViTKD(FeatureKD):
             self.cfg.generation_mask_ratio,
         )  # fmt: skip
         loss = self.cfg.mimic_weight * mimic + self.cfg.generation_weight * generation
-        return loss, {"mimic_loss": mimic.item(), "generation_loss": generation.item()}
+        return loss, {"mimic_loss": mimic.detach(), "generation_loss": generation.detach()}
 
 
 def scatter_patches(

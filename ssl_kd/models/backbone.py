@@ -77,6 +77,7 @@ class ViTBackbone(nn.Module):
             )
         self.vit: VisionTransformer = vit
         self.pos_embed_interpolation = pos_embed_interpolation
+        self.compiled = False  # run the blocks compiled (`train.compile`, `compiled_run_blocks`)
 
     @property
     def embed_dim(self) -> int:
@@ -163,15 +164,15 @@ class ViTBackbone(nn.Module):
         if any(not 0 <= j <= last for j in wanted):
             raise ValueError(f"return_blocks={sorted(wanted)} must lie in 0..{last}")
 
-        block_outputs: dict[int, Tensor] = {}
+        # The block that also yields the [CLS] attention runs eager, outside: its qkv hook.
+        stop = last if cls_attention else last + 1
+        run = compiled_run_blocks if self.compiled else run_blocks
+        tokens, block_outputs = run(self.vit.blocks, tokens, stop, tuple(sorted(wanted)))
         attention = None
-        for j, block in enumerate(self.vit.blocks[: last + 1]):
-            if j == last and cls_attention:
-                tokens, attention = self._block_with_cls_attention(block, tokens)
-            else:
-                tokens = block(tokens)
-            if j in wanted:
-                block_outputs[j] = tokens
+        if cls_attention:
+            tokens, attention = self._block_with_cls_attention(self.vit.blocks[last], tokens)
+            if last in wanted:
+                block_outputs[last] = tokens
 
         cls = None
         if last == self.num_blocks - 1:
@@ -196,6 +197,27 @@ class ViTBackbone(nn.Module):
         finally:
             handle.remove()
         return tokens, captured[0]
+
+
+def run_blocks(
+    blocks: nn.Sequential, tokens: Tensor, stop: int, wanted: tuple[int, ...]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Blocks 0..stop-1 over tokens [B, T, D] → the tokens after them, and the raw outputs of
+    the `wanted` blocks."""
+    outputs: dict[int, Tensor] = {}
+    for j in range(stop):
+        tokens = blocks[j](tokens)
+        if j in wanted:
+            outputs[j] = tokens
+    return tokens, outputs
+
+
+# `train.compile`: one graph for a backbone's blocks. Batch and token count are symbolic from the
+# first compile (dynamic=True), so no keep ratio (adaptive ones included), crop size or batch
+# recompiles it; a new graph comes only with another backbone (student, teacher), train/eval
+# mode or `stop`/`wanted`: a handful per run, under dynamo's recompile limit (8 per function).
+# Compiled per block instead, each block's own drop-path rate would be a graph of its own.
+compiled_run_blocks = torch.compile(run_blocks, dynamic=True)
 
 
 def _block_attention(block: nn.Module) -> Attention:

@@ -31,15 +31,29 @@ class DINONetwork(nn.Module):
         local_views: Tensor | None = None,
         keep_idx: Tensor | None = None,
         cls_attention: bool = False,
+        images_per_forward: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Global views [G·B, C, H, W] (masked by keep_idx [G·B, k] if given), local views
         [L·B, C, h, w] → logits [(G + L)·B, K], the global views' [CLS] features [G·B, D] and
-        their last-block [CLS] attention [G·B, heads, N_kept]."""
-        out = self.backbone(global_views, keep_idx, cls_attention=cls_attention)
-        features = out.cls
+        their last-block [CLS] attention [G·B, heads, N_kept].
+
+        `images_per_forward`: the global views run through the backbone in forwards of at most
+        this many images (the same results; smaller activations, see `DINO.forward`)."""
+        size = images_per_forward or global_views.shape[0]
+        index_chunks = keep_idx.split(size) if keep_idx is not None else None
+        outs = [
+            self.backbone(chunk, None if index_chunks is None else index_chunks[i],
+                          cls_attention=cls_attention)
+            for i, chunk in enumerate(global_views.split(size))
+        ]  # fmt: skip
+        cls = torch.cat([out.cls for out in outs]) if len(outs) > 1 else outs[0].cls
+        attention = outs[0].cls_attention
+        if attention is not None and len(outs) > 1:
+            attention = torch.cat([out.cls_attention for out in outs])
+        features = cls
         if local_views is not None:
             features = torch.cat([features, self.backbone(local_views).cls])
-        return self.head(features), out.cls, out.cls_attention
+        return self.head(features), cls, attention
 
 
 class MAEStudent(nn.Module):
