@@ -67,7 +67,7 @@ bench-dino-step: $(STAMP)
 
 # The data pipeline: images/s per DataLoader worker core, official DINO/MAE augmentation (lightly)
 # vs ssl_kd's `fast` (workers crop, the training process colours whole batches), 1 and 2 workers,
-# side by side over 5 rounds, on a generated folder of 300 JPEGs (~2 min idle): eval/bench/RESULTS.md.
+# side by side over 5 rounds, on a generated folder of 300 JPEGs (~2 min idle) → RESULTS.md.
 bench-data: $(STAMP)
 	$(VENV)/bin/python eval/bench/data_pipeline.py $(ARGS)
 
