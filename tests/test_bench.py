@@ -214,3 +214,30 @@ def test_gpu_section_reports_a_utilisation_below_the_peak(tmp_path: Path) -> Non
     for row in (full, half):
         assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
         assert 0 < row["mfu"] < 1
+
+
+def test_data_pipeline_bench_reads_photo_like_jpegs_into_the_same_views(tmp_path: Path) -> None:
+    """eval/bench/data_pipeline.py: its folder holds distinct 500 × 375 (or 375 × 500) JPEGs
+    in class folders, and the official and fast pipelines it times make the same views (2 ×
+    224 + 8 × 96 for DINO, one 224 view for MAE) once the fast one's batched part has run."""
+    from PIL import Image
+
+    from ssl_kd.data.photometric import BatchedPhotometric
+
+    data_pipeline = bench("data_pipeline")
+    root = data_pipeline.make_folder(tmp_path / "data", 8)
+    paths = sorted(root.glob("class_*/*.jpg"))
+    assert len(paths) == 8 and len({path.parent for path in paths}) == 8
+    pictures = [Image.open(path) for path in paths]
+    assert {picture.format for picture in pictures} == {"JPEG"}
+    assert {picture.size for picture in pictures} <= {(500, 375), (375, 500)}
+    assert len({picture.tobytes() for picture in pictures}) == 8
+    datasets = data_pipeline.pipelines(root)
+    for task, shapes in [("DINO", [(224, 224)] * 2 + [(96, 96)] * 8), ("MAE", [(224, 224)])]:
+        official, _ = next(iter(data_pipeline.loader(datasets[(task, "official")], 2, 0)))
+        fast, _ = next(iter(data_pipeline.loader(datasets[(task, "ssl_kd fast")], 2, 0)))
+        assert fast[0][0].dtype == torch.uint8  # the workers' part stops before the colours
+        coloured = BatchedPhotometric()(*fast)
+        for views in (official, coloured):
+            assert [tuple(view.shape[-2:]) for view in views] == shapes
+            assert all(view.dtype == torch.float32 and view.shape[:2] == (2, 3) for view in views)

@@ -15,6 +15,7 @@ from ssl_kd.data import (
     digits_train_size,
     image_dataset,
 )
+from ssl_kd.data.photometric import NO_COLOR, dino_colors
 from ssl_kd.engine.trainer import Trainer
 from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.seeding import generator_for
@@ -54,7 +55,7 @@ def test_batched_multicrop_shapes_and_determinism():
 def test_full_crop_without_jitter_is_identity():
     images = digits(0)[0][:4]
     spec = MultiCropSpec(32, 16, 0, (1.0, 1.0), (1.0, 1.0), hflip_prob=0.0)
-    crop = BatchedMultiCrop(spec, mean=(0, 0, 0), std=(1, 1, 1), jitter_prob=0.0, aspect=(1, 1))
+    crop = BatchedMultiCrop(spec, [NO_COLOR] * 2, mean=(0, 0, 0), std=(1, 1, 1), aspect=(1, 1))
     view = crop(images, torch.Generator().manual_seed(0))[0]
     assert torch.allclose(view, images, atol=1e-5)
 
@@ -180,6 +181,56 @@ def test_single_crop_streams_give_one_global_view(tmp_path):
     )  # fmt: skip
     views = next(train_stream(folder, Views.SINGLE_CROP).epoch(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)]
+
+
+def write_photos(folder: Path, count: int) -> None:
+    """`count` 64 × 48 JPEGs of smooth random colours."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        coarse = torch.rand(1, 3, 6, 8, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear")
+        array = (image[0].permute(1, 2, 0) * 255).byte().numpy()
+        Image.fromarray(array).save(folder / f"photo_{index:02d}.jpg", quality=90)
+
+
+def fast_folder_config(tmp_path: Path, workers: int, **extra: object):  # type: ignore[no-untyped-def]
+    return tiny_config(
+        tmp_path / f"run_{workers}",
+        **{"data.name": "imagefolder", "data.path": str(tmp_path / "data"),
+           "data.transform": "fast", "data.num_workers": workers, "train.batch_size": 4, **extra},
+    )  # fmt: skip
+
+
+def test_fast_stream_colours_an_image_folders_crops_by_sample_seed(tmp_path):
+    """data.transform=fast: workers crop (uint8), the stream colours and normalises; a sample's
+    views depend on (seed, epoch, index) only: the same with 0 or 1 worker processes, and from
+    a resumed batch. An unreadable file is skipped as with the lightly transform."""
+    write_photos(tmp_path / "data", 13)
+    (tmp_path / "data" / "photo_99.jpg").write_bytes(b"not a jpeg")
+    in_process = train_stream(fast_folder_config(tmp_path, 0))
+    epoch = list(in_process.epoch(1))
+    assert len(epoch) == 3
+    assert [tuple(v.shape) for v in epoch[0]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert all(v.dtype == torch.float32 for v in epoch[0])
+    assert in_process.bad_files == {str(tmp_path / "data" / "photo_99.jpg")}
+    in_worker = list(train_stream(fast_folder_config(tmp_path, 1)).epoch(1))
+    resumed = list(in_process.epoch(1, start_batch=2))
+    for a, b in zip(epoch[0] + epoch[2], in_worker[0] + resumed[0], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(epoch[0][0], epoch[0][1])  # two different global views
+    trainer = Trainer(fast_folder_config(tmp_path, 0))
+    assert trainer.train_step(epoch[0])["loss"] > 0
+
+
+def test_fast_stream_single_crop_and_its_limits(tmp_path):
+    write_photos(tmp_path / "data", 8)
+    views = next(train_stream(fast_folder_config(tmp_path, 0), Views.SINGLE_CROP).epoch(0))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)]
+    with pytest.raises(ConfigError, match=r"data\.transform=fast makes DINO's and MAE's views"):
+        train_stream(fast_folder_config(tmp_path, 0), Views.LABELLED)
+    bundled = train_stream(tiny_config(tmp_path / "bundled", **{"data.transform": "fast"}))
+    assert bundled.crop.colors == dino_colors(2)  # DINO's colours on the in-memory crops
 
 
 def test_batched_stream_draws_crops_by_epoch_and_batch_only(tmp_path):

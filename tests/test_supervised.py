@@ -122,7 +122,12 @@ def test_topk_hits_and_the_evaluation_equal_a_manual_count(tmp_path):
 def test_a_short_run_learns_and_reports_top1_top5_everywhere(tmp_path, model):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    extra = {"train.max_steps": 88, "train.epochs": 3, "optim.warmup_epochs": 0,
+    # The ViT trains all 3 epochs (44 steps each): with RandomResizedCrop's redrawn crops (the
+    # batched transform clamped oversize ones before: 0.79 of the image on average instead of
+    # 0.76 at scale 0.6–1) it reached 16–30% top-1 after 88 steps over seeds 0–3, 27–33% after
+    # 132.
+    steps = 132 if model == "vit" else 88
+    extra = {"train.max_steps": steps, "train.epochs": 3, "optim.warmup_epochs": 0,
              "optim.lr": 3e-2, "eval.classify_every_epochs": 1, "eval.knn_at_end": True,
              "train.log_every_steps": 11}  # fmt: skip
     # A tiny ViT leaves chance level sooner with its patches average-pooled than with [CLS].
@@ -139,7 +144,7 @@ def test_a_short_run_learns_and_reports_top1_top5_everywhere(tmp_path, model):
     losses = [line["method/ce_loss"] for line in lines if "method/ce_loss" in line]
     assert sum(losses[-3:]) < sum(losses[:3])
     evaluated = [line for line in lines if "eval/val_top1" in line]
-    assert [line["step"] for line in evaluated] == [44, 88]  # after epoch 1, and at the end
+    assert [line["step"] for line in evaluated] == list(range(44, steps + 1, 44))  # per epoch
     assert evaluated[-1]["eval/val_top1"] == summary["val_top1"]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

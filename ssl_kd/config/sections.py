@@ -13,7 +13,7 @@ from ssl_kd.errors import ConfigError
 # The bundled data sets (ssl_kd.data.bundled, generated in memory) and image folders.
 BUNDLED_DATASETS = ("digits", "cluttered_digits")
 DATASETS = (*BUNDLED_DATASETS, "imagefolder")
-TRANSFORMS = ("lightly", "batched")
+TRANSFORMS = ("lightly", "fast", "batched")
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,7 +100,10 @@ class ModelConfig:
 class DataConfig:
     name: str = "imagefolder"
     path: str | None = None  # ImageFolder root (class sub-folders) or a flat folder of images
-    transform: str = "lightly"  # lightly's DINOTransform (PIL, per image) or batched (tensors)
+    # lightly: lightly's DINOTransform/MAETransform per image (PIL, in the workers); fast: the
+    # same augmentation, workers decode and crop, the training process colours whole batches
+    # on its device; batched (bundled data only): crops and brightness/contrast on tensors.
+    transform: str = "lightly"
     global_crop_size: int = 224
     local_crop_size: int = 96
     num_local_views: int = 8  # official DINO: 8 (lightly's DINOTransform defaults to 6)

@@ -4,7 +4,10 @@
 - `datasets`: ImageFolder or flat folders, the bundled digits, in-memory labelled tensors;
 - `cluttered`, `bundled`: the cluttered digits, and the data sets shipped in code by name;
 - `transforms`: DINO multi-crop (lightly per image, or batched on tensors), the eval transform;
+- `crops`: RandomResizedCrop's boxes for many crops at once; the workers' half of `fast`;
+- `color`, `photometric`: DINO's colour augmentation, drawn per view, applied to whole batches;
 - `streams`: resumable training streams of views, seeded by (seed, epoch, batch) only;
+- `training`: the training stream a config's `data` section describes;
 - `splits`: labelled train/val splits for k-NN and linear evaluation;
 - `batches`: evaluation passes over a split, unreadable images left out or stopping the pass.
 """
@@ -42,10 +45,8 @@ from ssl_kd.data.streams import (
     TensorMultiCropStream,
     Views,
     batches_per_epoch,
-    build_train_stream,
-    check_batch,
-    labelled_classes,
 )
+from ssl_kd.data.training import build_train_stream, check_batch, labelled_classes
 from ssl_kd.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

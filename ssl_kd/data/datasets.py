@@ -51,10 +51,14 @@ def find_images(root: str | Path) -> list[str]:
 
 
 class FlatImageFolder(Dataset):
-    """Every image file under a folder, at any depth, label 0: for unlabelled pretraining."""
+    """Every image file under a folder, at any depth, label 0: for unlabelled pretraining.
+    `loader` reads a path (default: `load_image`) for `transform`."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable | None = None, loader: Callable = load_image
+    ) -> None:
         root = os.path.normpath(root)
+        self.loader = loader
         self.paths = find_images(root)
         if not self.paths:
             raise UserError(
@@ -72,22 +76,25 @@ class FlatImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
-        image = load_image(self.paths[index])
+        image = self.loader(self.paths[index])
         return (self.transform(image) if self.transform else image), 0
 
 
 class LabelledImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder (one sub-folder per class) without hidden entries: no
-    `.ipynb_checkpoints` class, no `._photo.jpg` image; images read by `load_image`."""
+    `.ipynb_checkpoints` class, no `._photo.jpg` image; images read by `loader` (default:
+    `load_image`)."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable | None = None, loader: Callable = load_image
+    ) -> None:
         root = os.path.normpath(root)
         hidden_part = os.sep + "."  # a hidden file, or anything inside a hidden folder
 
         def is_valid_file(path: str) -> bool:
             return is_image_name(path) and hidden_part not in path[len(root) :]
 
-        super().__init__(root, transform, loader=load_image, is_valid_file=is_valid_file)
+        super().__init__(root, transform, loader=loader, is_valid_file=is_valid_file)
         self.description = f"ImageFolder, {len(self.classes)} classes, {len(self.samples)} images"
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -120,7 +127,7 @@ def is_image_folder(root: str | Path) -> bool:
 
 
 def image_dataset(
-    root: str | Path, transform: Callable | None = None
+    root: str | Path, transform: Callable | None = None, loader: Callable = load_image
 ) -> LabelledImageFolder | FlatImageFolder:
     """An ImageFolder (labels from class folders) when `root` holds class folders and no image
     at its top level; else every image at any depth, unlabelled. Hidden entries are ignored.
@@ -132,13 +139,13 @@ def image_dataset(
         raise UserError(f"data.path {root} is not a folder")
     if is_image_folder(root):
         try:
-            return LabelledImageFolder(root, transform)
+            return LabelledImageFolder(root, transform, loader)
         except FileNotFoundError as err:  # class folders without a single image
             raise UserError(
                 f"no images found under {root}, read as an ImageFolder (class sub-folders and "
                 f"no image at the top): {err}"
             ) from None
-    return FlatImageFolder(root, transform)
+    return FlatImageFolder(root, transform, loader)
 
 
 def digits_train_size(test_fraction: float) -> int:

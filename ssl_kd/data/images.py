@@ -54,6 +54,17 @@ def load_image(path: str) -> Image.Image:
         DataError: the file cannot be read, or has more pixels than `Image.MAX_IMAGE_PIXELS`;
             the message names the file.
     """
+    with open_image(path) as image:
+        return decode_image(image, path)[0]
+
+
+def open_image(path: str) -> Image.Image:
+    """Opens an image file and reads its header only (size, format, a JPEG's EXIF): nothing is
+    decoded yet. Use it as a context manager, and `decode_image` for the pixels.
+
+    Raises:
+        DataError: the file cannot be read, or is over `Image.MAX_IMAGE_PIXELS`.
+    """
     try:
         with warnings.catch_warnings():
             # PIL warns between 1x and 2x its limit and raises above: both are refused here.
@@ -65,16 +76,46 @@ def load_image(path: str) -> Image.Image:
         raise DataError(pixel_limit_message(path, size), path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}", path) from None
-    with image:
-        width, height = image.size  # from the header: nothing is decoded yet
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and width * height > limit:
-            raise DataError(pixel_limit_message(path, f"{width}×{height} px"), path)
-        try:
-            image.load()
-            return to_rgb(upright(image))
-        except (OSError, SyntaxError, ValueError) as err:  # e.g. a truncated file
-            raise DataError(f"cannot read image {path}: {err}", path) from None
+    width, height = image.size  # from the header: nothing is decoded yet
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        image.close()
+        raise DataError(pixel_limit_message(path, f"{width}×{height} px"), path)
+    return image
+
+
+def is_draftable(image: Image.Image) -> bool:
+    """Whether `decode_image` can reduce this opened image while decoding it: a JPEG stored
+    upright (its EXIF, in the header, names no rotation or mirroring), so that the stored pixel
+    grid is the one crops are drawn on."""
+    if image.format != "JPEG":
+        return False
+    try:
+        return image.getexif().get(0x0112, 1) in (None, 1)
+    except Exception:  # a malformed EXIF block: decode it whole, as `upright` keeps it
+        return False
+
+
+def decode_image(image: Image.Image, path: str, reduce: int = 1) -> tuple[Image.Image, int]:
+    """The pixels of an image from `open_image`, as `load_image` returns them, and the factor
+    they were reduced by: with `reduce` in (2, 4, 8) a draftable JPEG (`is_draftable`) is
+    decoded at 1/reduce of its size by libjpeg's scaled inverse DCT (`Image.draft`), pixel k
+    of the result covering pixels [k·reduce, (k + 1)·reduce) of the full image.
+
+    Raises:
+        DataError: the file cannot be decoded (e.g. cut short); the message names the file.
+    """
+    applied = 1
+    if reduce > 1 and is_draftable(image):
+        width, height = image.size
+        drafted = image.draft(None, (width // reduce, height // reduce))
+        if drafted is not None:
+            applied = round(width / drafted[1][2])  # the box of the full image, in draft pixels
+    try:
+        image.load()
+        return to_rgb(upright(image)), applied
+    except (OSError, SyntaxError, ValueError) as err:  # e.g. a truncated file
+        raise DataError(f"cannot read image {path}: {err}", path) from None
 
 
 def pixel_limit_message(path: str, size: str | None) -> str:

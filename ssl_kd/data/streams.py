@@ -13,35 +13,18 @@ import math
 import random
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ssl_kd.data.bundled import NUM_CLASSES, bundled_splits, is_bundled
-from ssl_kd.data.datasets import (
-    LabelledImageFolder,
-    TensorImagesAsPIL,
-    digits_train_size,
-    image_dataset,
-    is_image_folder,
-)
 from ssl_kd.data.images import DataError
-from ssl_kd.data.transforms import (
-    BatchedMultiCrop,
-    MultiCropSpec,
-    lightly_multi_crop,
-    lightly_single_crop,
-)
-from ssl_kd.errors import ConfigError, key_list
+from ssl_kd.data.photometric import BatchedPhotometric, ColorAugmentation
+from ssl_kd.data.transforms import BatchedMultiCrop, MultiCropSpec
+from ssl_kd.errors import key_list
 from ssl_kd.seeding import generator_for, seed_for
-
-if TYPE_CHECKING:  # the config imports this package's dataset facts: no import cycle at run time
-    from ssl_kd.config import DataConfig
 
 
 class Views(enum.Enum):
@@ -150,19 +133,20 @@ def collate_samples(items: list[tuple[object, int, str]]) -> tuple[object, objec
 
 class TensorMultiCropStream:
     """In-memory images [N, 3, H, W], multi-cropped a whole batch at a time; with `labels` [N]
-    each batch is [its first view, its labels] (`Views.LABELLED`)."""
+    each batch is [its first view, its labels] (`Views.LABELLED`). `colors`: each view's colour
+    augmentation (`BatchedMultiCrop`'s default when None)."""
 
     def __init__(
         self, images: Tensor, spec: MultiCropSpec, batch_size: int, seed: int, rank: int = 0,
         world_size: int = 1, num_views: int | None = None, labels: Tensor | None = None,
-        repeats: int = 1,
+        repeats: int = 1, colors: list[ColorAugmentation] | None = None,
     ) -> None:  # fmt: skip
         self.images = images
         self.labels = labels
         self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.num_images = len(images)  # with steps_per_epoch, what fixes the data order
         self.num_views = num_views  # keep only the first views (MAE: 1)
-        self.crop = BatchedMultiCrop(spec)
+        self.crop = BatchedMultiCrop(spec, colors)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -196,15 +180,18 @@ class LoaderStream:
     they are more than `max_bad_fraction` of the data set; with "error" the first one stops
     the run. Either stop is a `DataError` naming the files. `labelled`: each batch is [images,
     labels] (the dataset's transform gives one tensor per image), else the list of views.
+    `photometric`: the dataset gives (uint8 views, their `PhotometricParams`), which it turns
+    into the views of each batch, on its device (`data.transform=fast`).
     """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0,
         world_size: int = 1, on_error: str = "skip", max_bad_fraction: float = 0.1,
-        labelled: bool = False, repeats: int = 1,
+        labelled: bool = False, repeats: int = 1, photometric: BatchedPhotometric | None = None,
     ) -> None:  # fmt: skip
         self.dataset = dataset
         self.labelled = labelled
+        self.photometric = photometric
         self.repeats = repeats  # DeiT's repeated augmentation (`EpochPermutation`)
         self.size: int = len(dataset)  # type: ignore[arg-type]
         self.max_bad_fraction = max_bad_fraction
@@ -241,6 +228,8 @@ class LoaderStream:
                     f"unreadable ({key_list(sorted(self.bad_files), 3)})",
                     min(self.bad_files, default=""),
                 )
+            if self.photometric is not None:
+                views = self.photometric(*views)
             yield [views, labels] if self.labelled else views
 
     def _note_bad(self, entries: list[str]) -> None:
@@ -283,108 +272,3 @@ def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
     would fail the trainer's next batch before its final save (engine/stop.py). Workers ignore
     it and end when the loader shuts them down, or within seconds of the trainer's exit."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def check_batch(data: DataConfig, batch_size: int, world_size: int) -> None:
-    """Raises a ConfigError when a process's share of the bundled data holds less than one
-    batch.
-
-    (The size of an image folder is only known once it is scanned: `build_train_stream` checks.)
-    """
-    if not is_bundled(data.name):
-        return
-    share = digits_train_size(data.test_fraction) // world_size
-    if share < batch_size:
-        raise ConfigError(
-            f"train.batch_size={batch_size} (per process) is larger than the data's share per "
-            f"process ({share} {data.name} images with WORLD_SIZE={world_size}): lower "
-            "train.batch_size or use fewer processes"
-        )
-
-
-def build_train_stream(
-    data: DataConfig, views: Views, batch_size: int, seed: int, rank: int = 0,
-    world_size: int = 1, transform: Callable | None = None,
-) -> TensorMultiCropStream | LoaderStream:  # fmt: skip
-    """The training stream `data` describes, yielding `views` of `batch_size` images per rank.
-
-    `transform`: the per-image (PIL) transform of labelled views with data.transform=lightly
-    (the method's augmentation; default: timm's `create_transform` for training).
-
-    Raises:
-        ConfigError: batched crops on an image folder, labelled views of a folder without
-            class folders, or fewer images per rank than a batch.
-    """
-    spec = MultiCropSpec(
-        data.global_crop_size, data.local_crop_size, data.num_local_views,
-        tuple(data.global_crop_scale), tuple(data.local_crop_scale),  # type: ignore[arg-type]
-        data.hflip_prob,
-    )  # fmt: skip
-    single_crop = views is not Views.MULTI_CROP
-    labelled = views is Views.LABELLED
-    if single_crop:
-        spec.num_local_views = 0
-    stream: TensorMultiCropStream | LoaderStream
-    if data.transform == "batched":
-        if not is_bundled(data.name):
-            raise ConfigError(
-                "data.transform=batched works on in-memory data (data.name=digits or "
-                "cluttered_digits); use data.transform=lightly for image folders"
-            )
-        images, labels, _, _ = bundled_splits(data.name, seed, data.test_fraction)
-        stream = TensorMultiCropStream(
-            images, spec, batch_size, seed, rank, world_size,
-            num_views=1 if single_crop else None, labels=labels if labelled else None,
-            repeats=data.repeated_augmentation,
-        )  # fmt: skip
-        size = len(images)
-    else:
-        if labelled:
-            transform = transform or create_transform(data.global_crop_size, is_training=True)
-        elif single_crop:
-            transform = lightly_single_crop(data.global_crop_size)
-        else:
-            transform = lightly_multi_crop(spec)
-        if is_bundled(data.name):
-            images, labels, _, _ = bundled_splits(data.name, seed, data.test_fraction)
-            dataset: Dataset = TensorImagesAsPIL(images, transform, labels if labelled else None)
-        else:
-            assert data.path is not None
-            dataset = folder = image_dataset(data.path, transform)
-            if labelled and not isinstance(folder, LabelledImageFolder):
-                raise ConfigError(
-                    f"data.path={data.path} is a flat folder ({folder.description}): supervised "
-                    "training needs labels, one sub-folder per class (the ImageFolder layout)"
-                )
-            if rank == 0:  # once per run, not per rank or DataLoader worker
-                print(f"data.path {data.path}: {folder.description}", flush=True)
-        stream = LoaderStream(
-            dataset, batch_size, seed, data.num_workers, rank, world_size, data.on_error,
-            data.max_bad_fraction, labelled, data.repeated_augmentation,
-        )  # fmt: skip
-        size = len(dataset)  # type: ignore[arg-type]
-    if stream.steps_per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size={batch_size} (per process) is larger than the dataset's share "
-            f"per process ({size} images / {world_size} processes); lower "
-            "train.batch_size or use fewer processes"
-        )
-    return stream
-
-
-def labelled_classes(data: DataConfig) -> int:
-    """The number of classes of the training data: 10 for the bundled digits, the class
-    sub-folders of an ImageFolder.
-
-    Raises:
-        ConfigError: data.path is not an ImageFolder (no class sub-folders, or images at its top).
-    """
-    if is_bundled(data.name):
-        return NUM_CLASSES
-    assert data.path is not None
-    if not is_image_folder(data.path):
-        raise ConfigError(
-            f"data.path={data.path} holds no labelled images: supervised training needs one "
-            "sub-folder per class and no image at the top (the ImageFolder layout)"
-        )
-    return len(LabelledImageFolder.find_classes_of(data.path))

@@ -1,16 +1,19 @@
 """Image transforms: training crops (multi-crop or one crop) and the evaluation transform.
 
-Two multi-crop paths produce the same thing, a list of views `[global_0, global_1, local_0, ...]`
-each `[B, C, H, W]`:
+Three multi-crop paths produce the same thing, a list of views `[global_0, global_1, local_0,
+...]` each `[B, C, H, W]` (`data.transform`):
 - `lightly`: lightly's `DINOTransform` per image (PIL, in DataLoader workers), for real images;
-- `batched`: `BatchedMultiCrop` on a batch tensor at once (random resized crop via one
+- `fast`: DINO's augmentation split in two: workers decode and crop (`crops.WorkerCrops`, uint8),
+  the training process colours whole batches on its device (`photometric.BatchedPhotometric`);
+  on in-memory data, `BatchedMultiCrop` with DINO's colours;
+- `batched`: `BatchedMultiCrop` on a batch tensor at once (random resized crops via one
   `grid_sample`, flips, brightness/contrast jitter), for small in-memory data where per-image PIL
   work would dominate the step.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +23,15 @@ from lightly.transforms import DINOTransform, MAETransform
 from torch import Tensor
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ssl_kd.data.crops import ASPECT_RATIO, sample_crop_boxes
+from ssl_kd.data.photometric import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LIGHT_JITTER,
+    ColorAugmentation,
+    apply_photometric,
+    sample_photometric,
+)
 
 
 @dataclass
@@ -56,9 +66,12 @@ def lightly_single_crop(size: int) -> MAETransform:
 class BatchedMultiCrop:
     """DINO multi-crop on a whole batch tensor at once.
 
-    Per sample and view: random resized crop (area fraction in `scale`, aspect ratio in
-    [3/4, 4/3], as torchvision's RandomResizedCrop), horizontal flip, brightness and contrast
-    jitter (p = 0.8), then normalisation. One `affine_grid` + `grid_sample` per view group.
+    Per sample and view: a random resized crop drawn as torchvision's RandomResizedCrop draws it
+    (`crops.sample_crop_boxes`: area fraction in `scale`, aspect ratio in `aspect`, oversize
+    boxes drawn again, then its fallback), horizontal flip, the view's colour augmentation
+    (`colors`, one per view; default: brightness and contrast jitter with p = 0.8 on every view;
+    `photometric.dino_colors`: DINO's), then normalisation. One `affine_grid` + `grid_sample`
+    per view (bilinear, no antialiasing: the bundled images are smaller than most crops).
 
     With `shard=(rank, world_size)` the random draws are made for the global batch of
     `world_size × B` samples and this rank keeps rows rank, rank + world_size, ...: the rows
@@ -69,15 +82,16 @@ class BatchedMultiCrop:
     def __init__(
         self,
         spec: MultiCropSpec,
+        colors: Sequence[ColorAugmentation] | None = None,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
-        jitter_prob: float = 0.8,
-        aspect: tuple[float, float] = (3 / 4, 4 / 3),
+        aspect: tuple[float, float] = ASPECT_RATIO,
     ) -> None:
         self.spec = spec
+        num_views = 2 + spec.num_local_views
+        self.colors = list(colors) if colors is not None else [LIGHT_JITTER] * num_views
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.jitter_prob = jitter_prob
         self.aspect = aspect
 
     def __call__(
@@ -85,54 +99,34 @@ class BatchedMultiCrop:
     ) -> list[Tensor]:
         """images: [B, 3, H, W] in [0, 1] → [2 global views, num_local_views local views]."""
         spec = self.spec
-        views = [
-            self._crop(images, spec.global_crop_size, spec.global_crop_scale, generator, shard)
-            for _ in range(2)
+        sizes = [spec.global_crop_size] * 2 + [spec.local_crop_size] * spec.num_local_views
+        scales = [spec.global_crop_scale] * 2 + [spec.local_crop_scale] * spec.num_local_views
+        return [
+            self._view(images, size, scale, color, generator, shard)
+            for size, scale, color in zip(sizes, scales, self.colors, strict=False)
         ]
-        views += [
-            self._crop(images, spec.local_crop_size, spec.local_crop_scale, generator, shard)
-            for _ in range(spec.num_local_views)
-        ]
-        return views
 
-    def _crop(
-        self,
-        images: Tensor,
-        size: int,
-        scale: tuple[float, float],
-        generator: torch.Generator,
-        shard: tuple[int, int],
-    ) -> Tensor:
-        batch = images.shape[0]
+    def _view(
+        self, images: Tensor, size: int, scale: tuple[float, float], color: ColorAugmentation,
+        generator: torch.Generator, shard: tuple[int, int],
+    ) -> Tensor:  # fmt: skip
+        batch, _, height, width = images.shape
         rank, world_size = shard
-
-        def rand() -> Tensor:  # [B]: this rank's rows of a draw for the global batch
-            return torch.rand(batch * world_size, generator=generator)[rank::world_size]
-
-        def uniform(low: float, high: float) -> Tensor:
-            return rand() * (high - low) + low
-
-        area = uniform(*scale)
-        log_ratio = uniform(math.log(self.aspect[0]), math.log(self.aspect[1]))
-        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # fraction of the side
-        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
-        centre_x = (rand() * 2 - 1) * (1 - width)
-        centre_y = (rand() * 2 - 1) * (1 - height)
-        flip = torch.where(rand() < self.spec.hflip_prob, -1.0, 1.0)
-        theta = torch.zeros(batch, 2, 3)
-        theta[:, 0, 0] = width * flip
-        theta[:, 0, 2] = centre_x
-        theta[:, 1, 1] = height
-        theta[:, 1, 2] = centre_y
+        mine = slice(rank, None, world_size)  # this rank's rows of draws for the global batch
+        count = batch * world_size
+        boxes = sample_crop_boxes(height, width, count, scale, self.aspect, generator)[mine]
+        flip = torch.rand(count, generator=generator)[mine] < self.spec.hflip_prob
+        params = sample_photometric(color, count, generator).rows(mine)
+        top, left, crop_h, crop_w = boxes.double().unbind(dim=1)
+        # The box in grid_sample's coordinates: the image spans [-1, 1] edge to edge.
+        theta = torch.zeros(batch, 2, 3, dtype=torch.float64)
+        theta[:, 0, 0] = torch.where(flip, -crop_w / width, crop_w / width)
+        theta[:, 0, 2] = (2 * left + crop_w) / width - 1
+        theta[:, 1, 1] = crop_h / height
+        theta[:, 1, 2] = (2 * top + crop_h) / height - 1
         grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
         views = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
-
-        jitter = rand() < self.jitter_prob
-        brightness = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
-        contrast = torch.where(jitter, uniform(0.6, 1.4), torch.ones(batch)).view(-1, 1, 1, 1)
-        views = views * brightness
-        mean = views.mean(dim=(1, 2, 3), keepdim=True)
-        views = ((views - mean) * contrast + mean).clamp(0, 1)
+        views = apply_photometric(views.clamp_(0, 1), params)
         return (views - self.mean) / self.std
 
 

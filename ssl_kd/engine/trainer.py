@@ -88,7 +88,7 @@ class Trainer:
         self.method_class = registry.method_class(cfg.method)
         self.stream = build_train_stream(
             cfg.data, self.method_class.views, cfg.train.batch_size, cfg.train.seed, self.rank,
-            self.world_size, self.method_class.train_transform(cfg),
+            self.world_size, self.method_class.train_transform(cfg), self.device,
         )  # fmt: skip
         self.method: Method = build_method(cfg).to(self.device)
         if self.ctx.distributed:
