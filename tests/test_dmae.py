@@ -54,7 +54,7 @@ def test_teacher_sees_the_visible_patches_and_runs_j_plus_one_blocks(keep_ratio,
     assert calls[0][2] == [0, 1, 2]  # blocks 0..j for j = 2; block 3 never ran
     assert out.teacher_macs < out.teacher_macs_unmasked
     assert out.loss.item() == pytest.approx(
-        out.metrics["recon_loss"] + out.metrics["distill_loss"], rel=1e-5
+        float(out.metrics["recon_loss"] + out.metrics["distill_loss"]), rel=1e-5
     )
 
 
@@ -106,7 +106,7 @@ def test_several_aligned_pairs_add_up_as_in_the_official_code():
     ]
     assert out.metrics["distill_loss"] == pytest.approx((terms[0] + terms[1]).item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(
-        out.metrics["recon_loss"] + (terms[0] + terms[1]).item(), rel=1e-5
+        float(out.metrics["recon_loss"]) + (terms[0] + terms[1]).item(), rel=1e-5
     )
 
 

@@ -100,7 +100,7 @@ def test_the_terms_are_the_official_ones_with_a_whole_teacher(tmp_path, teacher_
         )  # fmt: skip
     assert out.metrics["mimic_loss"] == pytest.approx(mimic.item(), rel=1e-5)
     assert out.metrics["generation_loss"] == pytest.approx(generation.item(), rel=1e-5)
-    logit_terms = 0.5 * out.metrics["ce_loss"] + 0.5 * out.metrics["distill_loss"]
+    logit_terms = float(0.5 * out.metrics["ce_loss"] + 0.5 * out.metrics["distill_loss"])
     assert out.loss.item() == pytest.approx(
         logit_terms + 1e-2 * (mimic.item() + generation.item()), rel=1e-5
     )

@@ -19,7 +19,9 @@ medians are reported, and a variant's saving is the median over rounds of 1 − 
 1.0's step time in the same round. Peak memory: each variant again in a fresh process (peak RSS
 after building it and after 2 steps). Targets (issue 7): (a) ssl_kd at keep 1.0 reaches ≥ 0.95× the
 reference's steps/s; (b) at keep r it saves at least 90% of what the teacher's share predicts, i.e.
-saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r).
+saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r). `--compile` adds keep
+1.0 and 0.5 with `train.compile=true` to the same rounds (their warm-up step compiles; its time is
+reported), each compared with its eager twin round by round.
 
 `--gpu` instead measures img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one
 CUDA GPU (batch 64, bf16 autocast); MFU = model FLOPs per step (flop counter: student forward
@@ -53,6 +55,7 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[2]
 KEEP_RATIOS = (1.0, 0.66, 0.5)
 VARIANTS = ("reference", *(f"ssl_kd keep {r}" for r in KEEP_RATIOS))
+COMPILED = ("ssl_kd keep 1.0 compiled", "ssl_kd keep 0.5 compiled")  # `--compile` adds these
 OUT_DIM = 65536
 
 
@@ -175,10 +178,14 @@ def make_views(batch: int) -> list[Tensor]:
 
 
 def build(name: str, batch: int, output_dir: str):  # type: ignore[no-untyped-def]
+    """A variant by its name: "reference" or "ssl_kd keep R[ compiled]"."""
     if name == "reference":
         return ReferenceStep()
-    keep_ratio = float(name.rsplit(" ", 1)[1])
-    return SslKdStep(keep_ratio, batch, f"{output_dir}/{keep_ratio}")
+    words = name.split()
+    compiled = words[-1] == "compiled"
+    keep_ratio = float(words[3])
+    overrides = ["train.compile=true"] if compiled else []
+    return SslKdStep(keep_ratio, batch, f"{output_dir}/{'_'.join(words[2:])}", overrides)
 
 
 # Dense bf16 peak of the device (vendor data sheets), for model-FLOPs utilisation.
@@ -289,6 +296,11 @@ def main() -> None:
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gpu", action="store_true", help="the GPU section (batch 64 default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device's bf16 peak")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also keep 1.0 and 0.5 with train.compile=true, side by side",
+    )
     args = parser.parse_args()
     if args.memory_of:
         memory_worker(args.memory_of, args.batch)
@@ -301,11 +313,15 @@ def main() -> None:
         return
 
     views = make_views(args.batch)
+    variants = VARIANTS + (COMPILED if args.compile else ())
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {name: build(name, args.batch, tmp) for name in VARIANTS}
-        for step in steps.values():  # warm-up
+        steps = {name: build(name, args.batch, tmp) for name in variants}
+        compile_s = {}
+        for name, step in steps.items():  # warm-up (a compiled variant compiles here)
+            start = time.perf_counter()
             step(views)
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+            compile_s[name] = time.perf_counter() - start
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, step in steps.items():
                 start = time.perf_counter()
@@ -326,8 +342,15 @@ def main() -> None:
             rows[name]["saving"] = statistics.median(
                 1 - v[0] / full for v, full in zip(values, full_times, strict=True)
             )
+    for name in COMPILED if args.compile else ():
+        eager = [v[0] for v in times[name.removesuffix(" compiled")]]
+        rows[name]["first_step_s"] = compile_s[name]
+        # Paired by round, as the savings: eager step time / compiled step time.
+        rows[name]["speedup_vs_eager"] = statistics.median(
+            e / v[0] for v, e in zip(times[name], eager, strict=True)
+        )
     if not args.no_memory:
-        for name in VARIANTS:
+        for name in variants:
             rows[name].update(memory_of(name, args.batch))
 
     reference, full = rows["reference"], rows["ssl_kd keep 1.0"]
@@ -363,6 +386,10 @@ def main() -> None:
         print(f"(b) keep {r}: saved {row['saving']:.1%} of the step, predicted "
               f"{row['predicted_saving']:.1%} (target ≥ {0.9 * row['predicted_saving']:.1%}): "
               f"{'met' if met else 'MISSED'}")  # fmt: skip
+    for name in COMPILED if args.compile else ():
+        row = rows[name]
+        print(f"{name}: {row['speedup_vs_eager']:.3f}× the eager step (paired by round); "
+              f"first step, compile included, {row['first_step_s']:.0f} s")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
