@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch._inductor.config
 
 from ssl_kd.masking import gather_patches
 from ssl_kd.models.backbone import create_backbone
@@ -146,13 +147,13 @@ def test_register_tokens_stay_with_every_kept_patch_and_out_of_the_cls_attention
 
 
 @pytest.mark.slow  # compiling takes ~30-60 s on one core
-def test_compiled_blocks_give_the_eager_forward_in_one_graph_for_every_keep_ratio(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)  # drop path from eager's generator
+def test_compiled_blocks_give_the_eager_forward_in_one_graph_for_every_keep_ratio():
     """Every kept-token count an adaptive keep ratio reaches (1.0 down to 0.2), two batch
     sizes, drop path on: the tokens eager gives, from one graph (train mode), and one more for
     eval mode."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's drop path
     eager = tiny_backbone(drop_path_rate=0.1).train()
     compiled = tiny_backbone(drop_path_rate=0.1).train()
     compiled.compiled = True
