@@ -23,24 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+# The DINO step's model made tiny, for ssl_kd (overrides) and the reference (its arguments).
+TINY_DINO = (
+    "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.drop_path_rate=0.0",
+    "model.kwargs.patch_size=8", "model.kwargs.embed_dim=48", "model.kwargs.depth=2",
+    "model.kwargs.num_heads=2", "data.global_crop_size=32", "data.local_crop_size=16",
+    "data.num_local_views=2", "dino.out_dim=256", "dino.hidden_dim=64", "dino.bottleneck_dim=32",
+)  # fmt: skip
+TINY_REFERENCE = {
+    "model": "vit_tiny_patch16_224", "head_dims": (64, 32, 256), "drop_path_rate": 0.0, **TINY
+}  # fmt: skip
 
 
 def test_reference_and_ssl_kd_steps_compute_the_same_dino_loss(tmp_path: Path) -> None:
     """Same weights and views → the lightly-example step and the trainer's step at keep 1.0
     compute the same DINO loss, so the benchmark times the same work written two ways."""
     dino_step = bench("dino_step")
-    overrides = [
-        "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.drop_path_rate=0.0",
-        "model.kwargs.patch_size=8", "model.kwargs.embed_dim=48", "model.kwargs.depth=2",
-        "model.kwargs.num_heads=2", "data.global_crop_size=32", "data.local_crop_size=16",
-        "data.num_local_views=2", "dino.out_dim=256", "dino.hidden_dim=64",
-        "dino.bottleneck_dim=32",
-    ]  # fmt: skip
-    ours = dino_step.SslKdStep(1.0, 4, str(tmp_path / "run"), overrides)
-    kwargs = {k: v for k, v in TINY.items()}
-    reference = dino_step.ReferenceStep(
-        "vit_tiny_patch16_224", (64, 32, 256), drop_path_rate=0.0, **kwargs
-    )
+    ours = dino_step.SslKdStep(1.0, 4, str(tmp_path / "run"), TINY_DINO)
+    reference = dino_step.ReferenceStep(**TINY_REFERENCE)
     method = ours.trainer.method
     model = reference.model
     model.student_backbone.load_state_dict(method.student.backbone.vit.state_dict())
@@ -57,6 +57,12 @@ def test_reference_and_ssl_kd_steps_compute_the_same_dino_loss(tmp_path: Path) -
     assert ours.last_loss == pytest.approx(reference.last_loss, abs=1e-5)
     assert ours.teacher_macs == ours.teacher_macs_unmasked > 0
     assert ours.teacher_s > 0 and reference.teacher_s > 0
+
+
+def test_variant_names_give_their_keep_ratio_and_compile_flag() -> None:
+    parse = bench("dino_step").parse_variant
+    assert parse("ssl_kd keep 0.66") == (0.66, False)
+    assert parse("ssl_kd keep 0.5 compiled") == (0.5, True)
 
 
 def test_peak_memory_is_the_fresh_process_own() -> None:
@@ -196,11 +202,99 @@ def test_quick_study_reports_costs_that_match_the_flop_counter(tmp_path: Path) -
     assert by_row["DINO, random init"]["knn_top1"] == pytest.approx(knn[20]["top1"])
 
 
+def test_gpu_section_rows_hold_together_on_a_tiny_model_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dino_step_gpu.py's whole section, on CPU with a tiny model: a table per batch, img/s is
+    batch / step time, the reference is given keep 1.0's model FLOPs and keep 0.5 counts fewer
+    (in proportion to the batch), MFU is the achieved rate over the peak given."""
+    gpu = bench("dino_step_gpu")
+    monkeypatch.setattr(gpu, "WARMUP_STEPS", 1)
+    workload = gpu.Workload(TINY_DINO, TINY_REFERENCE, 32, 16, 2, "tiny ViT")
+    result = gpu.gpu_section(
+        (2, 4), 2, compile=False, peak_tflops=1e-3, device="cpu", amp=False, workload=workload
+    )
+    assert result["device"] == "cpu" and result["peak_bf16_tflops"] == 1e-3
+    assert list(result["batches"]) == ["2", "4"]
+    for batch, rows in result["batches"].items():
+        assert list(rows) == ["reference", "ssl_kd keep 1.0", "ssl_kd keep 0.5"]
+        for row in rows.values():
+            assert row["oom"] is None and row["peak_memory_gib"] is None  # no CUDA: no memory
+            assert row["images_per_s"] == pytest.approx(int(batch) / row["step_s"])
+            assert row["achieved_tflops"] == pytest.approx(
+                row["model_tflops_per_step"] / row["step_s"]
+            )
+            assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1e-3)
+            assert row["first_step_s"] > 0 and row["speed_vs_reference"] > 0
+        full, half = rows["ssl_kd keep 1.0"], rows["ssl_kd keep 0.5"]
+        assert rows["reference"]["model_tflops_per_step"] == full["model_tflops_per_step"]
+        assert 0 < half["model_tflops_per_step"] < full["model_tflops_per_step"]
+        assert rows["reference"]["speed_vs_reference"] == 1.0
+    by_batch = [result["batches"][b]["ssl_kd keep 0.5"]["model_tflops_per_step"] for b in "24"]
+    assert by_batch[1] == pytest.approx(2 * by_batch[0])
+
+
+def test_gpu_section_reports_oom_in_its_row_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant that runs out of memory (here: the reference at build, keep 0.5 in its first
+    timed round) gets an OOM row saying where; the others are measured, with no reference to
+    compare with."""
+    gpu = bench("dino_step_gpu")
+    monkeypatch.setattr(gpu, "WARMUP_STEPS", 1)
+    build = gpu.build
+
+    class FailsWhenTimed:  # its warm-up step passes, its first timed one runs out of memory
+        def __init__(self, step) -> None:  # type: ignore[no-untyped-def]
+            self.step, self.trainer, self.calls = step, step.trainer, 0
+
+        def __call__(self, views: list[torch.Tensor]) -> None:
+            self.calls += 1
+            if self.calls > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            self.step(views)
+
+    def failing_build(name: str, *args: object):  # type: ignore[no-untyped-def]
+        if name == "reference":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        step = build(name, *args)
+        return FailsWhenTimed(step) if name == "ssl_kd keep 0.5" else step
+
+    monkeypatch.setattr(gpu, "build", failing_build)
+    workload = gpu.Workload(TINY_DINO, TINY_REFERENCE, 32, 16, 2, "tiny ViT")
+    result = gpu.gpu_section((2,), 2, compile=False, device="cpu", amp=False, workload=workload)
+    rows = result["batches"]["2"]
+    assert rows["reference"] == {"oom": "build"}
+    assert rows["ssl_kd keep 0.5"] == {"oom": "round 1"}
+    full = rows["ssl_kd keep 1.0"]
+    assert full["oom"] is None and full["speed_vs_reference"] is None
+    assert full["images_per_s"] == pytest.approx(2 / full["step_s"])
+    assert full["mfu"] is None  # no peak known for "cpu"
+
+
+def test_dmae_step_runs_any_student_and_teacher_and_times_each_step_alone() -> None:
+    """dmae_step.py's measurement with tiny models (the naive teacher's decoder fits any
+    teacher): img/s is batch / step time, and a step's teacher time lies within that step
+    (the teacher's timer restarts every step)."""
+    dmae_step = bench("dmae_step")
+    models = dmae_step.Models(
+        "vit_tiny_patch16_224", "vit_tiny_patch16_224",
+        {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+        {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2},
+        img_size=32, aligned_blocks=((1, 1),), decoder=(32, 1, 2),
+    )  # fmt: skip
+    rows = dmae_step.measure(2, 3, models)
+    assert list(rows) == list(dmae_step.VARIANTS)
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(2 / row["step_s"])
+        assert 0 < row["teacher_s"] < row["step_s"]
+        assert row["peak_memory_gib"] is None  # no CUDA
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU section)")
 def test_gpu_section_reports_a_utilisation_below_the_peak(tmp_path: Path) -> None:
-    """`dino_step.py --gpu` on the CUDA device: model FLOPs shrink with the keep ratio and the
-    achieved rate lies below the device's bf16 peak (an MFU above 1 would be a counting bug)."""
+    """`dino_step.py --gpu` on the CUDA device, compiled variants included: model FLOPs shrink
+    with the keep ratio and the achieved rate lies below the device's bf16 peak (an MFU above 1
+    would be a counting bug); peak memory is measured."""
     out = tmp_path / "gpu.json"
     subprocess.run(
         [sys.executable, str(REPO / "eval/bench/dino_step.py"), "--gpu", "--batch", "8",
@@ -208,12 +302,18 @@ def test_gpu_section_reports_a_utilisation_below_the_peak(tmp_path: Path) -> Non
         check=True, cwd=REPO, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
-    full, half = result["ssl_kd keep 1.0"], result["ssl_kd keep 0.5"]
-    assert result["device"]
+    rows = result["batches"]["8"]
+    assert result["device"] and list(rows) == [
+        "reference", "ssl_kd keep 1.0", "ssl_kd keep 0.5", "ssl_kd keep 1.0 compiled",
+        "ssl_kd keep 0.5 compiled",
+    ]  # fmt: skip
+    full, half = rows["ssl_kd keep 1.0"], rows["ssl_kd keep 0.5"]
     assert half["model_tflops_per_step"] < full["model_tflops_per_step"]
-    for row in (full, half):
+    assert rows["reference"]["model_tflops_per_step"] == full["model_tflops_per_step"]
+    for row in rows.values():
+        assert row["oom"] is None
         assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
-        assert 0 < row["mfu"] < 1
+        assert 0 < row["mfu"] < 1 and row["peak_memory_gib"] > 0
 
 
 def test_data_pipeline_bench_reads_photo_like_jpegs_into_the_same_views(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ saving ≥ 0.9 · teacher share at keep 1.0 · (1 − teacher GMAC ratio at r). 
 1.0 and 0.5 with `train.compile=true` to the same rounds (their warm-up step compiles; its time is
 reported), each compared with its eager twin round by round.
 
-`--gpu` instead measures img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one
-CUDA GPU (batch 64, bf16 autocast); MFU = model FLOPs per step (flop counter: student forward
-and backward over every view, masked teacher forward) / step time / the device's dense bf16 peak.
+`--gpu` runs the GPU section instead, eval/bench/dino_step_gpu.py (its docstring and `--help`):
+img/s, model-FLOPs utilisation and peak memory at batch 64 and 128, bf16, eager and compiled,
+against the reference on the same GPU.
 """
 
 from __future__ import annotations
@@ -88,13 +88,18 @@ class LightlyDINO(nn.Module):
 
 
 class ReferenceStep:
-    """lightly's example loop body; `model_kwargs` go to `timm.create_model`."""
+    """lightly's example loop body; `model_kwargs` go to `timm.create_model`.
+
+    On `device`; `amp`: bf16 autocast around the forwards and the loss only, as torch's AMP
+    recipe places it (bf16 keeps fp32's range, so no GradScaler)."""
 
     def __init__(
         self,
         model: str = "vit_small_patch16_224",
         head_dims: tuple[int, int, int] = (2048, 256, OUT_DIM),
         drop_path_rate: float = 0.1,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
         **model_kwargs: Any,
     ) -> None:
         torch.manual_seed(0)
@@ -102,7 +107,9 @@ class ReferenceStep:
             model, num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True,
             **model_kwargs,
         )  # fmt: skip
-        self.model = LightlyDINO(backbone, backbone.embed_dim, head_dims)
+        self.device = torch.device(device)
+        self.amp = amp
+        self.model = LightlyDINO(backbone, backbone.embed_dim, head_dims).to(self.device)
         self.criterion = DINOLoss(output_dim=head_dims[-1], warmup_teacher_temp_epochs=0)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4)
         self.teacher_s = 0.0
@@ -110,11 +117,13 @@ class ReferenceStep:
 
     def __call__(self, views: list[Tensor]) -> None:
         model, epoch = self.model, 1
-        start = time.perf_counter()
-        teacher_out = [model.forward_teacher(view) for view in views[:2]]
-        self.teacher_s = time.perf_counter() - start
-        student_out = [model.forward(view) for view in views]
-        loss = self.criterion(teacher_out, student_out, epoch=epoch)
+        views = [view.to(self.device, non_blocking=True) for view in views]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            start = time.perf_counter()  # host time: on a GPU, the launches only
+            teacher_out = [model.forward_teacher(view) for view in views[:2]]
+            self.teacher_s = time.perf_counter() - start
+            student_out = [model.forward(view) for view in views]
+            loss = self.criterion(teacher_out, student_out, epoch=epoch)
         self.last_loss = loss.item()
         loss.backward()
         model.student_head.cancel_last_layer_gradients(current_epoch=epoch)
@@ -171,89 +180,29 @@ class SslKdStep:
         )
 
 
-def make_views(batch: int) -> list[Tensor]:
+def make_views(
+    batch: int, global_size: int = 224, local_size: int = 96, num_local: int = 8,
+    device: str | torch.device = "cpu",
+) -> list[Tensor]:  # fmt: skip
+    """2 global views [B, 3, global_size²] and `num_local` local ones, the same every call."""
     generator = torch.Generator().manual_seed(0)
-    globals_ = [torch.randn(batch, 3, 224, 224, generator=generator) for _ in range(2)]
-    return globals_ + [torch.randn(batch, 3, 96, 96, generator=generator) for _ in range(8)]
+    sizes = [global_size] * 2 + [local_size] * num_local
+    return [torch.randn(batch, 3, s, s, generator=generator).to(device) for s in sizes]
 
 
 def build(name: str, batch: int, output_dir: str):  # type: ignore[no-untyped-def]
     """A variant by its name: "reference" or "ssl_kd keep R[ compiled]"."""
     if name == "reference":
         return ReferenceStep()
-    words = name.split()
-    compiled = words[-1] == "compiled"
-    keep_ratio = float(words[3])
+    keep_ratio, compiled = parse_variant(name)
     overrides = ["train.compile=true"] if compiled else []
-    return SslKdStep(keep_ratio, batch, f"{output_dir}/{'_'.join(words[2:])}", overrides)
+    return SslKdStep(keep_ratio, batch, f"{output_dir}/{'_'.join(name.split()[2:])}", overrides)
 
 
-# Dense bf16 peak of the device (vendor data sheets), for model-FLOPs utilisation.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def step_tflops(step: SslKdStep, batch: int) -> float:
-    """Model FLOPs of one step: student forward + backward (3× forward) over every view,
-    teacher forward over the global views at its keep ratio; attention and head included."""
-    from ssl_kd.flops import forward_macs
-    from ssl_kd.masking import num_kept
-
-    method, data = step.trainer.method, step.trainer.cfg.data
-    student = 2 * forward_macs(method.student, data.global_crop_size) + (
-        data.num_local_views * forward_macs(method.student, data.local_crop_size)
-    )
-    keep = num_kept(method.grid[0] * method.grid[1], step.trainer.cfg.masking.keep_ratio)
-    teacher = 2 * method.teacher_macs_per_view(keep)
-    return 2 * batch * (3 * student + teacher) / 1e12
-
-
-def gpu_section(batch: int, rounds: int, peak_tflops: float | None) -> dict[str, dict]:
-    """img/s and model-FLOPs utilisation of ssl_kd at keep 1.0 and 0.5 on one CUDA GPU, bf16
-    autocast (`train.amp`), interleaved, CUDA-synchronised medians; peak allocated memory."""
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    views = [view.to(device) for view in make_views(batch)]
-    overrides = ["train.device=cuda", "train.amp=true"]
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        steps = {r: SslKdStep(r, batch, f"{tmp}/{r}", overrides) for r in (1.0, 0.5)}
-        for step in steps.values():  # warm-up (kernels, allocator)
-            for _ in range(3):
-                step(views)
-        times: dict[float, list[float]] = {r: [] for r in steps}
-        memory: dict[float, int] = {r: 0 for r in steps}
-        for _ in range(rounds):
-            for r, step in steps.items():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                step(views)
-                torch.cuda.synchronize()
-                times[r].append(time.perf_counter() - start)
-                memory[r] = max(memory[r], torch.cuda.max_memory_allocated())
-        for r, step in steps.items():
-            step_s = statistics.median(times[r])
-            tflops = step_tflops(step, batch)
-            rows[f"ssl_kd keep {r}"] = {
-                "step_s": step_s,
-                "images_per_s": batch / step_s,
-                "model_tflops_per_step": tflops,
-                "achieved_tflops": tflops / step_s,
-                "mfu": tflops / step_s / peak if peak else None,
-                "peak_memory_gib": memory[r] / 2**30,
-            }
-    print(f"# DINO step on {name}, ViT-S/16, batch {batch}, 2×224 + 8×96 crops, head "
-          f"{OUT_DIM}, bf16 autocast, median of {rounds} interleaved rounds; MFU against "
-          f"{peak or 'an unknown'} dense bf16 TFLOPs")  # fmt: skip
-    print("| variant | step s | img/s | model TFLOPs/step | achieved TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for key, row in rows.items():
-        mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
-        print(f"| {key} | {row['step_s']:.3f} | {row['images_per_s']:.0f} | "
-              f"{row['model_tflops_per_step']:.2f} | {row['achieved_tflops']:.0f} | {mfu} | "
-              f"{row['peak_memory_gib']:.1f} |")  # fmt: skip
-    return {"device": name, "peak_bf16_tflops": peak, **rows}
+def parse_variant(name: str) -> tuple[float, bool]:
+    """ "ssl_kd keep R[ compiled]" → (R, compiled)."""
+    words = name.split()
+    return float(words[2]), words[-1] == "compiled"
 
 
 def peak_rss_mib() -> float:
@@ -294,22 +243,25 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--gpu", action="store_true", help="the GPU section (batch 64 default)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device's bf16 peak")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU section: eval/bench/dino_step_gpu.py, given the other flags (its --help)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
         help="also keep 1.0 and 0.5 with train.compile=true, side by side",
     )
+    if "--gpu" in sys.argv[1:]:  # before parsing: the GPU section has flags of its own
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import dino_step_gpu
+
+        dino_step_gpu.main([arg for arg in sys.argv[1:] if arg != "--gpu"])
+        return
     args = parser.parse_args()
     if args.memory_of:
         memory_worker(args.memory_of, args.batch)
-        return
-    if args.gpu:
-        batch = 64 if "--batch" not in sys.argv else args.batch
-        result = gpu_section(batch, args.rounds, args.peak_tflops)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return
 
     views = make_views(args.batch)
