@@ -159,8 +159,7 @@ def markdown(
         "# Data pipeline: images/s per DataLoader worker core, official vs ssl_kd `fast`",
         "",
         f"Produced by `{command}` on {date} on: {machine()}. Load average (1, 5, 15 min) at "
-        f"start / end: {loads[0]} / {loads[-1]}: the machine is shared with other jobs and "
-        "the benchmark ran at `nice 19`.",
+        f"start / end: {loads[0]} / {loads[-1]}; niceness {os.nice(0)}.",
         "",
         f"{args.images} JPEGs of 500 × 375 px (quality 90) in {CLASSES} class folders; "
         f"batch {args.batch}; {args.repeats} rounds, each timing both pipelines back to back "
