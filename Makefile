@@ -63,7 +63,7 @@ bench-dino-ddp: $(STAMP)
 # One DINO step, ViT-S/16, 2×224 + 8×96 crops, batch 16, CPU: ssl_kd at keep 1.0/0.66/0.5 vs the
 # step lightly's DINO example assembles, interleaved medians + peak memory (~14 min).
 bench-dino-step: $(STAMP)
-	$(VENV)/bin/python eval/bench/dino_step.py
+	$(VENV)/bin/python eval/bench/dino_step.py $(ARGS)
 
 # The data pipeline: images/s per DataLoader worker core, official DINO/MAE augmentation (lightly)
 # vs ssl_kd's `fast` (workers crop, the training process colours whole batches), 1 and 2 workers,
