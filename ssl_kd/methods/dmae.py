@@ -267,8 +267,7 @@ class DMAE(Method):
         target = patchify(images, self.student.encoder.patch_size)
         target = target.gather(1, mask_idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         recon = mae_pixel_loss(pred.float(), target.float(), self.cfg.norm_pix_loss)
-        metrics: dict[str, float | Tensor] = {"recon_loss": recon.detach()}
-        metrics["keep_ratio"] = keep_ratio
+        metrics: dict[str, float | Tensor] = dict(recon_loss=recon.detach(), keep_ratio=keep_ratio)
         if not distilling:
             return StepOutput(recon, metrics, images=batch, keep_ratio=keep_ratio)
         assert self.teacher is not None  # distilling
