@@ -283,10 +283,16 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     full_times = [v[0] for v in times["ssl_kd keep 1.0"]]
     for name, values in times.items():
+        steps_s = [v[0] for v in values]
         rows[name] = {
-            "step_s": statistics.median(v[0] for v in values),
+            "step_s": statistics.median(steps_s),
+            "step_min_s": min(steps_s),
+            "step_max_s": max(steps_s),
             "teacher_s": statistics.median(v[1] for v in values),
         }
+        # the spread of the speed-up: the reference's step / this one's, round by round
+        speedups = [r[0] / v for r, v in zip(times["reference"], steps_s, strict=True)]
+        rows[name].update(vs_reference_min=min(speedups), vs_reference_max=max(speedups))
         if name != "reference":
             step = steps[name]
             rows[name]["teacher_gmac_ratio"] = step.teacher_macs / step.teacher_macs_unmasked
@@ -311,8 +317,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"median of {args.rounds} interleaved rounds")  # fmt: skip
     print(f"teacher share of the ssl_kd step at keep 1.0: {share:.3f}")
-    print("| variant | step s | steps/s | vs reference | teacher s | teacher GMAC ratio | "
-          "saving vs keep 1.0, paired (predicted) | peak RSS MiB |")  # fmt: skip
+    print("| variant | step s (min–max) | steps/s | vs reference (per-round min–max) | "
+          "teacher s | teacher GMAC ratio | saving vs keep 1.0, paired (predicted) | "
+          "peak RSS MiB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         speed = reference["step_s"] / row["step_s"]
@@ -324,7 +331,9 @@ def main() -> None:
             row["predicted_saving"] = predicted
         row["speed_vs_reference"] = speed
         print(
-            f"| {name} | {row['step_s']:.2f} | {1 / row['step_s']:.3f} | {speed:.3f}× | "
+            f"| {name} | {row['step_s']:.2f} ({row['step_min_s']:.2f}–{row['step_max_s']:.2f}) | "
+            f"{1 / row['step_s']:.3f} | {speed:.3f}× ({row['vs_reference_min']:.3f}–"
+            f"{row['vs_reference_max']:.3f}) | "
             f"{row['teacher_s']:.2f} | {'-' if gmac is None else f'{gmac:.3f}'} | "
             + ("-" if saving is None else f"{saving:+.1%} ({predicted:+.1%})")
             + f" | {row.get('peak_mib', float('nan')):.0f} |"
