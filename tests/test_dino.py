@@ -223,7 +223,7 @@ def test_the_adaptive_probe_measures_kl_between_full_and_masked_targets_and_its_
     first of each global view); the gap is KL(full ‖ masked) of the centred, sharpened teacher
     distributions, and the full forwards are counted in the teacher's cost."""
     masking = MaskingConfig(0.5, "attention_topk", adaptive=True, probe_every_steps=2,
-                            probe_fraction=0.5)  # fmt: skip
+                            probe_fraction=0.5, tolerance=DINO.default_tolerance)  # fmt: skip
     dino = DINO(tiny_backbone(), DinoConfig(**SMALL_HEAD), masking, 32, epochs=2).eval()
     dino.loss_fn.center.copy_(
         0.05 * torch.randn(1, 1, 50, generator=torch.Generator().manual_seed(3))

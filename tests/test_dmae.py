@@ -259,7 +259,8 @@ def test_the_adaptive_probe_aligns_the_teachers_kept_and_visible_features_and_it
     from ssl_kd.flops import forward_macs
     from ssl_kd.masking import select
 
-    masking = MaskingConfig(0.25, "random", adaptive=True, probe_every_steps=2, probe_fraction=0.5)
+    masking = MaskingConfig(0.25, "random", adaptive=True, probe_every_steps=2, probe_fraction=0.5,
+                            tolerance=DMAE.default_tolerance)  # fmt: skip
     cfg = DmaeConfig(aligned_blocks=[[1, 2], [0, 1]], teacher_keep_ratio=0.5, **DECODER)
     dmae = DMAE(tiny_backbone(), teacher_backbone(), cfg, masking, 32).eval()
     assert dmae.adaptive is not None and dmae.adaptive.ratio == 0.5

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ssl_kd.config import Config
 from ssl_kd.errors import ConfigError
 from ssl_kd.methods import registry
@@ -48,8 +46,8 @@ def build_method(cfg: Config) -> Method:
     if cfg.eval.pictures_every_steps:
         method.picture_every_steps = cfg.eval.pictures_every_steps
     if cfg.train.compile:  # the backbones, a frozen teacher's too (held outside `modules()`)
-        teacher = method.__dict__.get("teacher")
-        frozen = teacher.modules() if isinstance(teacher, nn.Module) else ()
+        teacher = method.frozen_teacher()
+        frozen = teacher.modules() if teacher is not None else ()
         for module in {id(m): m for m in (*method.modules(), *frozen)}.values():
             if isinstance(module, ViTBackbone):
                 module.compiled = True

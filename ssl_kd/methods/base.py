@@ -192,9 +192,13 @@ class Method(nn.Module):
         self.__dict__["teacher"] = teacher
         self.__dict__["_frozen_teacher"] = True
 
+    def frozen_teacher(self) -> nn.Module | None:
+        """The teacher `hold_frozen_teacher` keeps outside the submodules, if any."""
+        return self.__dict__.get("teacher") if self.__dict__.get("_frozen_teacher") else None
+
     def to(self, *args: Any, **kwargs: Any) -> Method:
         super().to(*args, **kwargs)
-        teacher = self.__dict__.get("teacher") if self.__dict__.get("_frozen_teacher") else None
+        teacher = self.frozen_teacher()
         if teacher is not None:
             teacher.to(*args, **kwargs)
         return self
@@ -283,18 +287,16 @@ def probe_interval(total_steps: int) -> int:
     return max(1, total_steps // PROBES_PER_RUN)
 
 
-def adaptive_controller(
-    masking: MaskingConfig, start: float, default_tolerance: float
-) -> KeepRatioController | None:
-    """The controller `masking.adaptive` asks for, starting at `start`, with the method's
-    `default_tolerance` where masking.tolerance is unset; None when it is off.
-    With masking.probe_every_steps unset, the trainer sets its interval from the run's length
+def adaptive_controller(masking: MaskingConfig, start: float) -> KeepRatioController | None:
+    """The controller `masking.adaptive` asks for, starting at `start`; None when it is off.
+    masking.tolerance is resolved when loading (the method's `default_tolerance`). With
+    masking.probe_every_steps unset, the trainer sets its interval from the run's length
     (`probe_interval`)."""
     if not masking.adaptive:
         return None
-    tolerance = default_tolerance if masking.tolerance is None else masking.tolerance
+    assert masking.tolerance is not None  # resolved when loading
     return KeepRatioController(
-        start, tolerance, minimum=masking.adaptive_min, step_size=masking.adaptive_step,
+        start, masking.tolerance, minimum=masking.adaptive_min, step_size=masking.adaptive_step,
         hysteresis=masking.hysteresis, probe_fraction=masking.probe_fraction,
         probe_every=masking.probe_every_steps or probe_interval(0),
     )  # fmt: skip

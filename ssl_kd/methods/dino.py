@@ -190,7 +190,7 @@ class DINO(Method):
         self.koleo = KoLeoLoss()
         self._macs_cache: dict[int, int] = {}
         assert masking.keep_ratio is not None  # resolved when loading
-        self.adaptive = adaptive_controller(masking, masking.keep_ratio, self.default_tolerance)
+        self.adaptive = adaptive_controller(masking, masking.keep_ratio)
         self.keep_ratio = KeepRatioSchedule(masking, self.adaptive)
         self._momentum: Tensor | None = None
         self._teacher_temp: Tensor | None = None

@@ -233,7 +233,7 @@ class DMAE(Method):
         self._macs_cache: dict[tuple[int, int | None], int] = {}
         self.keep_ratio = KeepRatioSchedule(masking)
         # masking.adaptive controls the teacher's share of the visible patches
-        self.adaptive = adaptive_controller(masking, cfg.teacher_keep_ratio, self.default_tolerance)
+        self.adaptive = adaptive_controller(masking, cfg.teacher_keep_ratio)
 
     # --- contract -------------------------------------------------------------------------
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:

@@ -191,7 +191,7 @@ class KD(Supervised):
         self.teacher_grid = teacher.vit.grid(self.teacher_size) if teacher.is_vit else None
         self.student_grid = student.vit.grid(img_size) if student.is_vit else None
         assert masking.keep_ratio is not None  # resolved when loading
-        self.adaptive = adaptive_controller(masking, masking.keep_ratio, self.default_tolerance)
+        self.adaptive = adaptive_controller(masking, masking.keep_ratio)
         self.keep_ratio = KeepRatioSchedule(masking, self.adaptive)
         self._macs_cache: dict[int | None, int] = {}
 

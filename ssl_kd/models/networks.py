@@ -46,10 +46,8 @@ class DINONetwork(nn.Module):
                           cls_attention=cls_attention)
             for i, chunk in enumerate(global_views.split(size))
         ]  # fmt: skip
-        cls = torch.cat([out.cls for out in outs]) if len(outs) > 1 else outs[0].cls
-        attention = outs[0].cls_attention
-        if attention is not None and len(outs) > 1:
-            attention = torch.cat([out.cls_attention for out in outs])
+        cls = torch.cat([out.cls for out in outs])
+        attention = torch.cat([out.cls_attention for out in outs]) if cls_attention else None
         features = cls
         if local_views is not None:
             features = torch.cat([features, self.backbone(local_views).cls])
